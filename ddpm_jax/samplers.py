@@ -1,0 +1,418 @@
+"""Samplers of the reverse process, each one ``jax.lax.scan`` over a grid of training timesteps.
+
+Every sampler drives ``model_fn(x_t, t) -> prediction`` (``x_t: [B, ...]``, ``t: int32 [B]`` on the
+training grid ``[0, T)``; the output is ε, x_0 or v according to ``prediction``) along a strictly
+decreasing grid ``t_0 > t_1 > … > t_{N-1} = 0`` of ``N = num_steps`` training timesteps. Steps
+``t_i → t_{i+1}`` run inside one ``jax.lax.scan``; a final step from ``t = 0`` to clean data returns
+the prediction x̂_0 there (every method's last update to ᾱ = 1 reduces to it).
+
+Methods (``method``), with their model evaluations per sample:
+
+- ``"ddpm"``: ancestral sampling (Ho et al. 2020, Algorithm 2) with ``variance="fixed_small"`` (β̃)
+  or ``"fixed_large"`` (β); on a respaced grid a step t → s uses the effective
+  β = 1 - ᾱ_t / ᾱ_s (improved-diffusion respacing). ``N`` evaluations.
+- ``"ddim"``: DDIM (Song et al. 2021, Eq. 12) with ``eta`` (0: deterministic, 1: the ancestral
+  sampler). ``N`` evaluations.
+- ``"dpmpp_2m"``: DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), data prediction, second order
+  multistep with a first-order first step and a first-order final step to σ = 0. ``N``
+  evaluations.
+- ``"heun"``: Heun's second-order method on the probability-flow ODE dx̃/dσ = ε̂ in the variance
+  exploding coordinates x̃ = x / √ᾱ, σ = √((1-ᾱ)/ᾱ) (Karras et al. 2022, Algorithm 1 with no
+  churn), Euler for the last step to σ = 0. ``2N - 1`` evaluations.
+
+Default grids (``timestep_spacing=None``): ``"uniform"`` for ddpm / ddim (Song et al.),
+``"logsnr"`` for dpmpp_2m (Lu et al.), ``"karras"`` (ρ = 7) for heun; see :func:`timesteps`.
+
+The functions are traceable: wrap the sampler in ``jax.jit`` (the schedule, ``key``, ``eta``,
+``x_T`` and anything ``model_fn`` closes over stay traced, so changing them does not recompile)::
+
+    @jax.jit
+    def generate(params, key, eta):
+        model_fn = lambda x, t: unet.apply(params, x, t)
+        return samplers.sample(model_fn, schedule, key, (64, 32, 32, 3), eta=eta)
+
+Called without ``jax.jit`` the sampler still runs as one scan, but the scan is traced and compiled
+again on every call. For many samples at once, shard the batch of ``x_T`` (or of the output) over
+the devices; the random draws are partitionable, so the samples do not depend on the sharding.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpm_jax import diffusion
+from ddpm_jax.schedules import Schedule
+
+METHODS = ("ddpm", "ddim", "dpmpp_2m", "heun")
+SPACINGS = ("uniform", "quadratic", "trailing", "logsnr", "karras")
+DEFAULT_SPACINGS = {"ddpm": "uniform", "ddim": "uniform", "dpmpp_2m": "logsnr", "heun": "karras"}
+KARRAS_RHO = 7.0
+
+ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def _is_concrete_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def _check_num_steps(num_steps, num_timesteps: int) -> None:
+    if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool):
+        raise ValueError(f"num_steps must be a Python int, got {num_steps!r}")
+    if not 2 <= num_steps <= num_timesteps:
+        raise ValueError(
+            f"num_steps must be in [2, T={num_timesteps}] (a grid starts at a noisy timestep and "
+            f"ends at t = 0), got {num_steps}"
+        )
+
+
+def num_model_evals(method: str, num_steps: int) -> int:
+    """Network evaluations per sample: ``num_steps``, or ``2 * num_steps - 1`` for "heun"."""
+    _check_choice("method", method, METHODS)
+    return 2 * num_steps - 1 if method == "heun" else num_steps
+
+
+def _distinct_increasing(rounded, num_timesteps: int, xp=np):
+    """Turns rounded increasing positions into distinct ints 0 = u_0 < u_1 < … < u_{N-1} < T.
+
+    Positions that land on an earlier one move up by the fewest steps (u_j = max(r_j, u_{j-1} + 1)),
+    then the top is pushed back under T (u_j = min(u_j, u_{j+1} - 1)); both sweeps are cumulative
+    max / min, so this works for NumPy and traced ``jnp`` arrays (``xp``) alike.
+    """
+    n = rounded.shape[0]
+    idx = xp.arange(n, dtype=np.int32)
+    r = xp.clip(rounded, 0, num_timesteps - 1).astype(np.int32)
+    r = xp.concatenate([xp.zeros((1,), np.int32), r[1:]])  # the grid ends at t = 0
+    u = xp.maximum.accumulate(r - idx) + idx
+    return xp.minimum(xp.minimum.accumulate((u - idx)[::-1])[::-1], num_timesteps - n) + idx
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _noise_level_grid(log_snr: jax.Array, num_steps: int, spacing: str, rho: float) -> jax.Array:
+    """Increasing timesteps of the "logsnr" / "karras" grids (jitted once per static config)."""
+    num_t = log_snr.shape[0]
+    lam_max, lam_min = log_snr[0], log_snr[num_t - 1]
+    ramp = jnp.linspace(0.0, 1.0, num_steps, dtype=jnp.float32)
+    if spacing == "logsnr":
+        lam = lam_max + ramp * (lam_min - lam_max)
+    else:  # σ = √((1-ᾱ)/ᾱ) = exp(-λ / 2), interpolated in σ^(1/ρ)
+        s_min, s_max = jnp.exp(-lam_max / (2 * rho)), jnp.exp(-lam_min / (2 * rho))
+        lam = -2.0 * rho * jnp.log(s_min + ramp * (s_max - s_min))
+    # The nearest training timestep in λ (i.e. in log σ).
+    pos = jnp.argmin(jnp.abs(log_snr[None, :] - lam[:, None]), axis=1)
+    return _distinct_increasing(pos, num_t, jnp)
+
+
+def timesteps(
+    schedule: Schedule, num_steps: int, spacing: str = "uniform", *, rho: float = KARRAS_RHO
+) -> jax.Array:
+    """The sampling grid: ``num_steps`` distinct training timesteps, decreasing, ending at 0.
+
+    Spacings (T = ``schedule.num_timesteps``, N = ``num_steps``, i = 0 … N-1):
+
+    - ``"uniform"``: ⌊i T / N⌋, evenly spaced over [0, T) (DDIM's "uniform" skip; for N | T it is
+      ``range(0, T, T // N)``, diffusers' "leading").
+    - ``"quadratic"``: ⌊(i √(0.8 T) / (N-1))²⌋, the grid DDIM used for CIFAR-10.
+    - ``"trailing"``: round(i (T-1) / (N-1)); starts at the last training step T-1, as Lin et al.
+      (2024) recommend (diffusers calls this "linspace"; its "trailing" stops at T/N - 1 instead
+      of 0).
+    - ``"logsnr"``: uniform in λ = log(ᾱ/(1-ᾱ)) between λ_{T-1} and λ_0 (DPM-Solver's grid).
+    - ``"karras"``: σ_i = (σ_min^{1/ρ} + i/(N-1) (σ_max^{1/ρ} - σ_min^{1/ρ}))^ρ with σ = √((1-ᾱ)/ᾱ),
+      σ_min = σ_0, σ_max = σ_{T-1} (Karras et al. 2022, Eq. 5).
+
+    The noise-level grids are mapped to the nearest training timestep in λ (i.e. in log σ). Where
+    several points land on one timestep (the log-SNR and Karras grids crowd near t = 0 when N is a
+    sizeable fraction of T, and so does "quadratic"), the later ones move to the next free
+    timesteps, so the grid is always strictly decreasing; with N = T every spacing is the full
+    grid. The samplers use the exact noise levels of these integer timesteps, so the model and the
+    solver agree on σ.
+
+    Args:
+        schedule: the noise schedule (its tables may be traced).
+        num_steps: N, an int in [2, T].
+        spacing: one of :data:`SPACINGS`.
+        rho: ρ of the "karras" spacing.
+
+    Returns:
+        int32 ``[N]`` timesteps, strictly decreasing, ``[0] ≤ T - 1`` and ``[-1] == 0`` (a
+        ``jax.Array``; a constant under ``jax.jit`` except for the noise-level grids).
+
+    Raises:
+        ValueError: for an unknown ``spacing`` or ``num_steps`` outside [2, T].
+    """
+    _check_choice("timestep_spacing", spacing, SPACINGS)
+    num_t = schedule.num_timesteps
+    _check_num_steps(num_steps, num_t)
+    if spacing in ("logsnr", "karras"):
+        return _noise_level_grid(schedule.log_snr, int(num_steps), spacing, float(rho))[::-1]
+    i = np.arange(num_steps, dtype=np.float64)
+    if spacing == "uniform":
+        pos = np.floor(i * num_t / num_steps)
+    elif spacing == "quadratic":
+        pos = np.floor((i * np.sqrt(0.8 * num_t) / (num_steps - 1)) ** 2)
+    else:
+        pos = np.round(i * (num_t - 1) / (num_steps - 1))
+    return jnp.asarray(_distinct_increasing(pos, num_t)[::-1])
+
+
+class Plan(NamedTuple):
+    """What one run of a sampler iterates over: ``carry`` through ``step`` for each row of ``xs``.
+
+    Attributes:
+        carry: ``(x, aux)`` — x ``[B, ...]`` the state at ``t_0`` (x_T), ``aux`` the previous x̂_0
+            for "dpmpp_2m" (None otherwise).
+        xs: dict of per-step arrays with leading axis ``num_steps - 1``: ``t`` and ``s``
+            (int32 timesteps of each step t → s), the method's coefficients and, for stochastic
+            methods, ``key``.
+    """
+
+    carry: Any
+    xs: dict[str, jax.Array]
+
+
+def _respaced_posterior(schedule: Schedule, t: jax.Array, s: jax.Array):
+    """q(x_s | x_t, x_0) for s < t: the DDPM posterior with α = ᾱ_t/ᾱ_s (improved diffusion).
+
+    Returns ``(c1, c2, var, beta)``: mean = c1 x_0 + c2 x_t, variance ``var`` (β̃) and the effective
+    β. Adjacent steps (s = t - 1) take the schedule's own float64-derived tables, so the full grid
+    is Ho et al.'s chain exactly.
+    """
+    ab_t, ab_s = schedule.alpha_bars[t], schedule.alpha_bars[s]
+    om_t, om_s = (
+        schedule.sqrt_one_minus_alpha_bars[t] ** 2,
+        schedule.sqrt_one_minus_alpha_bars[s] ** 2,
+    )
+    beta = 1.0 - ab_t / ab_s
+    c1 = beta * schedule.sqrt_alpha_bars[s] / om_t
+    c2 = om_s * jnp.sqrt(ab_t / ab_s) / om_t
+    var = beta * om_s / om_t
+    adjacent = s == t - 1
+    return (
+        jnp.where(adjacent, schedule.posterior_mean_coef1[t], c1),
+        jnp.where(adjacent, schedule.posterior_mean_coef2[t], c2),
+        jnp.where(adjacent, schedule.posterior_variance[t], var),
+        jnp.where(adjacent, schedule.betas[t], beta),
+    )
+
+
+def plan(
+    schedule: Schedule,
+    key: jax.Array,
+    shape: tuple[int, ...],
+    *,
+    method: str = "ddim",
+    num_steps: int = 50,
+    eta: float | jax.Array = 0.0,
+    timestep_spacing: str | None = None,
+    variance: str = "fixed_small",
+    x_T: jax.Array | None = None,
+) -> Plan:
+    """The initial state and the per-step coefficients of a sampler (the scan's carry and xs).
+
+    :func:`sample` is ``finish(scan(step, *plan(...)))``; this lower-level form lets a caller run
+    the same steps another way (e.g. a Python loop over a jitted :func:`step`, as the benchmark
+    does). Arguments are those of :func:`sample`.
+
+    Returns:
+        A :class:`Plan`.
+
+    Raises:
+        ValueError: for an invalid method, spacing, num_steps, variance, shape, x_T or eta.
+    """
+    _validate_plan(schedule, shape, method, num_steps, eta, timestep_spacing, variance, x_T)
+    spacing = timestep_spacing or DEFAULT_SPACINGS[method]
+    grid = timesteps(schedule, num_steps, spacing)
+    t, s = grid[:-1], grid[1:]
+    key_init, key_steps = jax.random.split(key)
+    if x_T is None:
+        x = jax.random.normal(key_init, shape, jnp.float32)
+    else:
+        x = jnp.asarray(x_T, jnp.float32)
+    xs: dict[str, jax.Array] = {"t": t, "s": s}
+    sqrt_ab, sqrt_om = schedule.sqrt_alpha_bars, schedule.sqrt_one_minus_alpha_bars
+    if method == "ddpm":
+        c1, c2, var_small, beta = _respaced_posterior(schedule, t, s)
+        var = var_small if variance == "fixed_small" else beta
+        xs.update(c1=c1, c2=c2, std=jnp.exp(0.5 * jnp.log(var)))
+    elif method == "ddim":
+        _, _, var_small, _ = _respaced_posterior(schedule, t, s)
+        sigma = jnp.asarray(eta, jnp.float32) * jnp.sqrt(var_small)  # Song et al. Eq. 16
+        direction = jnp.sqrt(jnp.maximum(sqrt_om[s] ** 2 - sigma**2, 0.0))
+        xs.update(c_x0=sqrt_ab[s], c_eps=direction, std=sigma)
+    elif method == "dpmpp_2m":
+        # x_s = (σ_s/σ_t) x_t + α_s (1 - e^{-h}) D with α_s e^{-h} = α_t σ_s / σ_t, h = λ_s - λ_t.
+        ratio = sqrt_om[s] / sqrt_om[t]
+        half_lam = schedule.log_snr / 2
+        h = half_lam[s] - half_lam[t]
+        h_prev = jnp.concatenate([jnp.full((1,), jnp.inf, h.dtype), h[:-1]])
+        xs.update(c_x=ratio, c_d=sqrt_ab[s] - sqrt_ab[t] * ratio, c_corr=h / (2 * h_prev))
+    else:  # heun: in VP coordinates, x_s = (α_s/α_t) x_t + α_s (σ̃_s - σ̃_t) ε̂.
+        sig = schedule.sqrt_recipm1_alpha_bars
+        xs.update(c_x=sqrt_ab[s] / sqrt_ab[t], c_eps=sqrt_ab[s] * (sig[s] - sig[t]))
+    if method == "ddpm" or (method == "ddim" and not (_is_concrete_number(eta) and eta == 0)):
+        xs["key"] = jax.random.split(key_steps, num_steps - 1)
+    return Plan(carry=(x, jnp.zeros_like(x) if method == "dpmpp_2m" else None), xs=xs)
+
+
+def _predict(model_fn, schedule, x, t, prediction, clip_x0):
+    """(x̂_0, ε̂) from one network evaluation at the scalar timestep ``t`` for the whole batch."""
+    tb = jnp.full((x.shape[0],), t, jnp.int32)
+    return diffusion.predict_x0_and_eps(schedule, model_fn(x, tb), x, tb, prediction, clip_x0)
+
+
+def step(
+    model_fn: ModelFn,
+    schedule: Schedule,
+    carry,
+    xs_i: dict[str, jax.Array],
+    *,
+    method: str = "ddim",
+    prediction: str = "eps",
+    clip_x0: float | None = None,
+):
+    """One step t → s of a sampler: the body of the scan in :func:`sample`.
+
+    Args:
+        model_fn: ``model_fn(x_t, t) -> [B, ...]``.
+        schedule: the noise schedule.
+        carry: ``(x, aux)`` as in :class:`Plan`.
+        xs_i: one row of :attr:`Plan.xs` (scalars).
+        method: as in :func:`sample`.
+        prediction: "eps", "x0" or "v".
+        clip_x0: clip x̂_0 to ``[-clip_x0, clip_x0]`` (None: no clipping).
+
+    Returns:
+        ``(carry, x_s)`` with ``x_s`` ``[B, ...]`` the state at timestep ``s``.
+    """
+    _check_choice("method", method, METHODS)
+    x, aux = carry
+    predict = functools.partial(
+        _predict, model_fn, schedule, prediction=prediction, clip_x0=clip_x0
+    )
+    x0, eps = predict(x, xs_i["t"])
+    if method == "ddpm":
+        x = xs_i["c1"] * x0 + xs_i["c2"] * x
+    elif method == "ddim":
+        x = xs_i["c_x0"] * x0 + xs_i["c_eps"] * eps
+    elif method == "dpmpp_2m":
+        d = x0 + xs_i["c_corr"] * (x0 - aux)  # (1 + 1/2r) D_i - 1/2r D_{i-1}; c_corr = 0 first
+        x, aux = xs_i["c_x"] * x + xs_i["c_d"] * d, x0
+    else:
+        x_euler = xs_i["c_x"] * x + xs_i["c_eps"] * eps
+        _, eps_next = predict(x_euler, xs_i["s"])
+        x = xs_i["c_x"] * x + xs_i["c_eps"] * (0.5 * (eps + eps_next))
+    if "key" in xs_i:
+        x = x + xs_i["std"] * jax.random.normal(xs_i["key"], x.shape, x.dtype)
+    return (x, aux), x
+
+
+def finish(
+    model_fn: ModelFn, schedule: Schedule, carry, *, prediction: str = "eps", clip_x0=None
+) -> jax.Array:
+    """The last update, from t = 0 to clean data (ᾱ = 1): returns x̂_0(x_0, t = 0), ``[B, ...]``."""
+    x0, _ = _predict(model_fn, schedule, carry[0], 0, prediction, clip_x0)
+    return x0
+
+
+def _validate_plan(schedule, shape, method, num_steps, eta, spacing, variance, x_T) -> None:
+    _check_choice("method", method, METHODS)
+    if spacing is not None:
+        _check_choice("timestep_spacing", spacing, SPACINGS)
+    _check_num_steps(num_steps, schedule.num_timesteps)
+    _check_choice("variance", variance, diffusion.VARIANCES)
+    if not (
+        isinstance(shape, tuple)
+        and len(shape) >= 1
+        and all(isinstance(d, (int, np.integer)) and d >= 1 for d in shape)
+    ):
+        raise ValueError(
+            f"shape must be a non-empty tuple of positive ints (B, ...), got {shape!r}"
+        )
+    if x_T is not None and tuple(x_T.shape) != shape:
+        raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
+    if _is_concrete_number(eta):
+        if not (np.isfinite(eta) and eta >= 0):
+            raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+        if method != "ddim" and eta != 0:
+            raise ValueError(f"eta is used only by method='ddim'; got eta={eta} with {method!r}")
+
+
+def sample(
+    model_fn: ModelFn,
+    schedule: Schedule,
+    key: jax.Array,
+    shape: tuple[int, ...],
+    *,
+    method: str = "ddim",
+    num_steps: int = 50,
+    eta: float | jax.Array = 0.0,
+    prediction: str = "eps",
+    clip_x0: float | None = None,
+    timestep_spacing: str | None = None,
+    variance: str = "fixed_small",
+    return_trajectory: bool = False,
+    x_T: jax.Array | None = None,
+):
+    """Draws samples with one ``jax.lax.scan`` over the timestep grid of ``method``.
+
+    Args:
+        model_fn: ``model_fn(x_t, t) -> [B, ...]`` with ``x_t: [B, ...]`` and ``t: int32 [B]`` in
+            [0, T); bind labels or context with a closure or ``functools.partial``.
+        schedule: the noise schedule the model was trained with (traced).
+        key: PRNG key for x_T (unless given) and the per-step noise.
+        shape: static ``(B, ...)`` of the samples, e.g. ``(B, 32, 32, 3)`` or ``(B, D)``.
+        method: "ddpm", "ddim", "dpmpp_2m" or "heun" (static; see the module docstring).
+        num_steps: N, grid length in [2, T] (static). Model evaluations per sample are N, or
+            2N - 1 for "heun" (:func:`num_model_evals`).
+        eta: DDIM's η ≥ 0 (traced): σ_t = η √β̃ of the respaced step; 0 for any other method.
+        prediction: what ``model_fn`` returns: "eps", "x0" or "v" (static).
+        clip_x0: clip x̂_0 to ``[-clip_x0, clip_x0]`` at every step, e.g. 1.0 for images in
+            [-1, 1] (static; None: no clipping).
+        timestep_spacing: one of :data:`SPACINGS`, or None for the method's default
+            (:data:`DEFAULT_SPACINGS`); see :func:`timesteps`.
+        variance: "fixed_small" (β̃) or "fixed_large" (β), for "ddpm".
+        return_trajectory: also return the states at every grid point (static).
+        x_T: optional ``[*shape]`` starting state at ``t_0`` (default: N(0, I) drawn from ``key``).
+
+    Returns:
+        ``[*shape]`` float32 samples; with ``return_trajectory`` the tuple ``(samples,
+        trajectory)``, ``trajectory: [N + 1, *shape]`` = x at t_0, …, t_{N-1} = 0, then the
+        samples.
+
+    Raises:
+        ValueError: for an invalid method, spacing, num_steps, prediction, variance, shape, eta
+            (a concrete value) or clip_x0.
+    """
+    diffusion.check_prediction(prediction)
+    if clip_x0 is not None and not (_is_concrete_number(clip_x0) and clip_x0 > 0):
+        raise ValueError(f"clip_x0 must be None or a positive number, got {clip_x0!r}")
+    p = plan(
+        schedule,
+        key,
+        shape,
+        method=method,
+        num_steps=num_steps,
+        eta=eta,
+        timestep_spacing=timestep_spacing,
+        variance=variance,
+        x_T=x_T,
+    )
+    body = functools.partial(
+        step, model_fn, schedule, method=method, prediction=prediction, clip_x0=clip_x0
+    )
+    carry, states = jax.lax.scan(body, p.carry, p.xs)
+    samples = finish(model_fn, schedule, carry, prediction=prediction, clip_x0=clip_x0)
+    if not return_trajectory:
+        return samples
+    trajectory = jnp.concatenate([p.carry[0][None], states, samples[None]])
+    return samples, trajectory
