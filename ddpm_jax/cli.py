@@ -1,0 +1,166 @@
+"""Command line entry shared by the experiments: ``main(get_config)``.
+
+An experiment is ``get_config()`` plus::
+
+    if __name__ == "__main__":
+        cli.main(get_config)
+
+Flags:
+
+- ``--workdir=DIR`` (required): where the run writes and resumes (see ``ddpm_jax.train``);
+- ``--config.<section>.<field>=VALUE``: overrides of ``get_config()`` (ml_collections
+  ``config_flags``; tuples as ``--config.model.ch_mult='(1,2,2)'``);
+- ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``: a multi-process job
+  started by hand (``jax.distributed.initialize`` with these values);
+- ``--distributed=auto|true|false``: ``auto`` (default) initializes ``jax.distributed`` on a
+  multi-task SLURM job or a multi-host TPU slice; ``true`` always lets JAX auto-detect the
+  cluster; ``false`` never initializes.
+
+A user's mistake (invalid config or flag, missing or unwritable workdir, unavailable dataset) is
+reported as ONE line on stderr with exit code 2, before anything is compiled; a non-finite loss
+exits with code 1; a finished, resumed-and-finished or preempted (SIGTERM) run exits with 0.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+EXIT_USAGE = 2
+EXIT_DIVERGED = 1
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> None:
+    print(f"error: {_one_line(message)}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _define_flags(config: ml_collections.ConfigDict, argv: Sequence[str]) -> flags.FlagValues:
+    fv = flags.FlagValues()
+    flags.DEFINE_string("workdir", None, "Work directory (created; resumed from).", flag_values=fv)
+    flags.DEFINE_string(
+        "coordinator_address",
+        None,
+        "host:port of process 0 for a multi-process job.",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer("num_processes", None, "Processes of the job.", flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "This process's index in the job.", flag_values=fv)
+    flags.DEFINE_enum(
+        "distributed",
+        "auto",
+        ["auto", "true", "false"],
+        "Initialize jax.distributed: auto-detect SLURM / TPU pods, always, or never.",
+        flag_values=fv,
+    )
+    config_flags.DEFINE_config_dict(
+        "config", config, "The run's config.", flag_values=fv, sys_argv=list(argv)
+    )
+    return fv
+
+
+def cluster_detected(environ=None) -> bool:
+    """Whether the environment is a multi-process SLURM job or a multi-host TPU slice."""
+    env = os.environ if environ is None else environ
+
+    def as_int(name: str) -> int:
+        try:
+            return int(env.get(name, "1").split("(")[0])
+        except ValueError:
+            return 1
+
+    if "SLURM_JOB_ID" in env and max(as_int("SLURM_NTASKS"), as_int("SLURM_STEP_NUM_TASKS")) > 1:
+        return True
+    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    return len(hosts) > 1
+
+
+def initialize_distributed(
+    coordinator_address: str | None,
+    num_processes: int | None,
+    process_id: int | None,
+    mode: str = "auto",
+) -> None:
+    """Calls ``jax.distributed.initialize`` when the job spans processes (see module docstring).
+
+    Raises:
+      ValueError: inconsistent explicit flags.
+    """
+    import jax
+
+    explicit = (coordinator_address, num_processes, process_id)
+    if any(v is not None for v in explicit):
+        if coordinator_address is None or num_processes is None or process_id is None:
+            raise ValueError(
+                "--coordinator_address, --num_processes and --process_id must be given together"
+            )
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            raise ValueError(
+                f"--process_id={process_id} must be in [0, --num_processes={num_processes})"
+            )
+        if mode == "false":
+            raise ValueError("--distributed=false contradicts --coordinator_address")
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+        )
+    elif mode == "true" or (mode == "auto" and cluster_detected()):
+        jax.distributed.initialize()
+
+
+def main(get_config: Callable[[], ml_collections.ConfigDict], argv: Sequence[str] | None = None):
+    """Parses flags, initializes multi-process JAX if needed, validates and trains.
+
+    Args:
+      get_config: the experiment's ``get_config()`` (a ConfigDict from ``default_config()``).
+      argv: command line including the program name (default ``sys.argv``).
+
+    Exits the process: 0 on success or preemption, 1 on a non-finite loss, 2 on bad input.
+    """
+    argv = list(sys.argv if argv is None else argv)
+    if "--help" in argv or "-h" in argv:
+        print(f"usage: {argv[0]} --workdir=DIR [--config.<section>.<field>=VALUE ...]\n")
+        print(__doc__)
+        print(f"The config (defaults of this experiment):\n{get_config()}")
+        sys.exit(0)
+    try:
+        config = get_config()
+        fv = _define_flags(config, argv)
+        extra = fv(argv)[1:]
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        _fail(f"bad command line: {e}")
+    if extra:
+        _fail(f"unexpected positional arguments {extra}")
+
+    from ddpm_jax import config as config_lib
+    from ddpm_jax import data, train
+
+    config = fv.config
+    try:
+        config_lib.check_workdir(fv.workdir)
+        config_lib.validate(config)  # without devices first: no JAX backend needed yet
+        initialize_distributed(
+            fv.coordinator_address, fv.num_processes, fv.process_id, fv.distributed
+        )
+    except ValueError as e:
+        _fail(str(e))
+    # Any other exception is a bug, not a user's mistake: it keeps its traceback.
+    try:
+        return train.run(config, fv.workdir)
+    except (train.ConfigError, data.DataUnavailableError) as e:
+        _fail(str(e))
+    except train.NonFiniteLossError as e:
+        _fail(str(e), EXIT_DIVERGED)
+
+
+__all__ = ["cluster_detected", "initialize_distributed", "main"]

@@ -1,0 +1,333 @@
+"""The training configuration: ``default_config()`` and its validation.
+
+Experiments extend :func:`default_config` in their ``get_config()``; :func:`validate` checks every
+field the run loop reads and raises a ``ValueError`` naming the field, the value and what is
+allowed, before anything is compiled. Sections and fields (the defaults are Ho et al. 2020,
+CIFAR-10):
+
+- ``seed``: root of all randomness (init, data order, timesteps, noise, label dropout, samples).
+- ``parallel``: ``"shard_map"`` (``jax.jit`` of ``jax.shard_map`` over a 1-D mesh) or ``"pmap"``.
+- ``data``: ``name``, ``data_dir``, ``manual_dir``, ``random_flip`` (None: dataset default),
+  ``image_size`` (None: native), ``num_examples`` (None: all) — see ``ddpm_jax.data``.
+- ``model``: the UNet's ``ch, ch_mult, num_res_blocks, attn_resolutions, dropout, num_heads,
+  num_groups, resblock_conditioning``, ``dtype`` ("float32" | "bfloat16") and
+  ``class_conditional`` (labels from the dataset, null label = ``num_classes``).
+- ``diffusion``: ``schedule`` ("linear" | "cosine" | "sigmoid"), ``num_timesteps``, ``beta_start``,
+  ``beta_end`` (linear only), ``prediction`` ("eps" | "x0" | "v"), ``weighting``
+  ("uniform" | "min_snr"), ``min_snr_gamma``.
+- ``train``: ``num_steps``, ``batch_size`` (global, over all devices of all processes), Adam's
+  ``lr, b1, b2, eps``, ``warmup_steps`` (linear), ``grad_clip`` (global norm; 0 disables),
+  ``ema_decay``, ``log_every``, ``checkpoint_every``, ``keep_checkpoints``, ``sample_every``
+  (0 disables the PNG grids), ``p_uncond`` (label dropout of class-conditional models),
+  ``steps_per_call`` (training steps scanned inside one compiled call).
+- ``sample``: the final ``samples.npz`` and the training grids: ``num_samples`` (0 disables),
+  ``method``, ``num_steps``, ``guidance_scale``, ``eta`` (DDIM only), ``clip_x0`` (clip x̂_0 to
+  [-clip_x0, clip_x0]; None: no clipping),
+  ``grid_size`` (a ``grid_size``² grid; 0 disables), ``batch_size`` (samples per compiled call,
+  rounded up to a multiple of the device count).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+PARALLEL_KINDS = ("shard_map", "pmap")
+SCHEDULES = ("linear", "cosine", "sigmoid")
+PREDICTIONS = ("eps", "x0", "v")
+WEIGHTINGS = ("uniform", "min_snr")
+DTYPES = ("float32", "bfloat16")
+RESBLOCK_CONDITIONINGS = ("additive", "scale_shift")
+SAMPLE_METHODS_FALLBACK = ("ddpm", "ddim")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The DDPM CIFAR-10 configuration of Ho et al. (2020); experiments override fields.
+
+    Returns:
+      A ``ConfigDict`` with the sections described in the module docstring. Fields that may be
+      None are ``placeholder``s, so ``--config.data.image_size=32`` style overrides work.
+    """
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.parallel = "shard_map"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "cifar10"
+    c.data.data_dir = config_dict.placeholder(str)
+    c.data.manual_dir = config_dict.placeholder(str)
+    c.data.random_flip = config_dict.placeholder(bool)
+    c.data.image_size = config_dict.placeholder(int)
+    c.data.num_examples = config_dict.placeholder(int)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.ch = 128
+    c.model.ch_mult = (1, 2, 2, 2)
+    c.model.num_res_blocks = 2
+    c.model.attn_resolutions = (16,)
+    c.model.dropout = 0.1
+    c.model.num_heads = 1
+    c.model.num_groups = 32
+    c.model.resblock_conditioning = "additive"
+    c.model.dtype = "float32"
+    c.model.class_conditional = False
+
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.schedule = "linear"
+    c.diffusion.num_timesteps = 1000
+    c.diffusion.beta_start = 1e-4
+    c.diffusion.beta_end = 0.02
+    c.diffusion.prediction = "eps"
+    c.diffusion.weighting = "uniform"
+    c.diffusion.min_snr_gamma = 5.0
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 800_000
+    c.train.batch_size = 128
+    c.train.lr = 2e-4
+    c.train.warmup_steps = 5000
+    c.train.grad_clip = 1.0
+    c.train.ema_decay = 0.9999
+    c.train.b1 = 0.9
+    c.train.b2 = 0.999
+    c.train.eps = 1e-8
+    c.train.log_every = 100
+    c.train.checkpoint_every = 10_000
+    c.train.keep_checkpoints = 3
+    c.train.sample_every = 10_000
+    c.train.p_uncond = 0.1
+    c.train.steps_per_call = 1
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.num_samples = 1000
+    c.sample.method = "ddim"
+    c.sample.num_steps = 100
+    c.sample.guidance_scale = 1.0
+    c.sample.eta = 0.0
+    c.sample.clip_x0 = config_dict.FieldReference(1.0, field_type=float)  # None: no clipping
+    c.sample.grid_size = 8
+    c.sample.batch_size = 256
+    return c
+
+
+# ----------------------------------------------------------------------------- field checks
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"config.{field}={value!r} is invalid: {allowed}")
+
+
+def _int(c, field: str, minimum: int, *, optional: bool = False) -> None:
+    value = _get(c, field)
+    if optional and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        _fail(field, value, f"expected an integer >= {minimum}" + (" or None" if optional else ""))
+
+
+def _float(c, field: str, lo: float, hi: float, *, lo_open=False, hi_open=False, optional=False):
+    value = _get(c, field)
+    if optional and value is None:
+        return
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+        _fail(field, value, f"expected a number in {left}{lo}, {hi}{right}")
+
+
+def _choice(c, field: str, choices: tuple[str, ...]) -> None:
+    value = _get(c, field)
+    if value not in choices:
+        _fail(field, value, f"expected one of {list(choices)}")
+
+
+def _bool(c, field: str, *, optional: bool = False) -> None:
+    value = _get(c, field)
+    if not (isinstance(value, bool) or (optional and value is None)):
+        _fail(field, value, "expected True or False" + (" or None" if optional else ""))
+
+
+def _int_tuple(c, field: str, *, allow_empty: bool) -> None:
+    value = _get(c, field)
+    ok = isinstance(value, tuple | list) and (allow_empty or len(value) > 0)
+    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+    if not ok:
+        empty = "a possibly empty" if allow_empty else "a non-empty"
+        _fail(field, value, f"expected {empty} tuple of positive integers")
+
+
+def _get(c, field: str) -> Any:
+    node = c
+    for part in field.split("."):
+        if part not in node:
+            raise ValueError(f"config.{field} is missing; default_config() defines it")
+        node = node[part]
+    return node
+
+
+def _check_known_keys(config) -> None:
+    """Rejects unknown keys inside the known sections (typos); extra sections are allowed."""
+    default = default_config()
+    for section in ("data", "model", "diffusion", "train", "sample"):
+        if section not in config:
+            raise ValueError(f"config.{section} is missing; build configs from default_config()")
+        unknown = sorted(set(config[section].keys()) - set(default[section].keys()))
+        if unknown:
+            raise ValueError(
+                f"config.{section} has unknown field(s) {unknown}; allowed: "
+                f"{sorted(default[section].keys())}"
+            )
+
+
+def _sample_methods() -> tuple[str, ...]:
+    try:
+        from ddpm_jax import samplers
+    except ImportError:
+        return SAMPLE_METHODS_FALLBACK
+    methods = getattr(samplers, "METHODS", None)
+    return tuple(methods) if methods else SAMPLE_METHODS_FALLBACK
+
+
+def validate(
+    config: ml_collections.ConfigDict,
+    *,
+    device_count: int | None = None,
+    process_count: int | None = None,
+) -> None:
+    """Checks every field the run loop reads; raises on the first invalid one.
+
+    Args:
+      config: a ConfigDict built from :func:`default_config`.
+      device_count: number of devices of the job (all processes); when given,
+        ``train.batch_size`` (and ``sample.batch_size`` rounding) is checked against it.
+      process_count: number of processes; when given, ``train.batch_size`` must divide evenly.
+
+    Raises:
+      ValueError: naming the field, its value and what is allowed.
+    """
+    _check_known_keys(config)
+    _int(config, "seed", 0)
+    _choice(config, "parallel", PARALLEL_KINDS)
+
+    name = _get(config, "data.name")
+    if not isinstance(name, str) or not name:
+        _fail("data.name", name, "expected a dataset name such as 'cifar10' or 'digits'")
+    for field in ("data.data_dir", "data.manual_dir"):
+        value = _get(config, field)
+        if value is not None and not isinstance(value, str):
+            _fail(field, value, "expected a directory path or None")
+    _bool(config, "data.random_flip", optional=True)
+    _int(config, "data.image_size", 1, optional=True)
+    _int(config, "data.num_examples", 1, optional=True)
+
+    _int(config, "model.ch", 1)
+    _int_tuple(config, "model.ch_mult", allow_empty=False)
+    _int(config, "model.num_res_blocks", 1)
+    _int_tuple(config, "model.attn_resolutions", allow_empty=True)
+    _float(config, "model.dropout", 0.0, 1.0, hi_open=True)
+    _int(config, "model.num_heads", 1)
+    _int(config, "model.num_groups", 1)
+    _choice(config, "model.resblock_conditioning", RESBLOCK_CONDITIONINGS)
+    _choice(config, "model.dtype", DTYPES)
+    _bool(config, "model.class_conditional")
+    m = config.model
+    widths = sorted({m.ch, *(m.ch * k for k in m.ch_mult)})
+    if any(w % m.num_groups for w in widths):
+        _fail("model.num_groups", m.num_groups, f"must divide every channel count {widths}")
+
+    _choice(config, "diffusion.schedule", SCHEDULES)
+    _int(config, "diffusion.num_timesteps", 1)
+    if config.diffusion.schedule == "linear":
+        _float(config, "diffusion.beta_start", 0.0, 1.0, lo_open=True, hi_open=True)
+        _float(config, "diffusion.beta_end", 0.0, 1.0, lo_open=True, hi_open=True)
+        if not config.diffusion.beta_start <= config.diffusion.beta_end:
+            _fail(
+                "diffusion.beta_start",
+                config.diffusion.beta_start,
+                f"must be <= diffusion.beta_end={config.diffusion.beta_end}",
+            )
+    _choice(config, "diffusion.prediction", PREDICTIONS)
+    _choice(config, "diffusion.weighting", WEIGHTINGS)
+    _float(config, "diffusion.min_snr_gamma", 0.0, float("inf"), lo_open=True)
+
+    _int(config, "train.num_steps", 1)
+    _int(config, "train.batch_size", 1)
+    _float(config, "train.lr", 0.0, float("inf"), lo_open=True)
+    _int(config, "train.warmup_steps", 0)
+    _float(config, "train.grad_clip", 0.0, float("inf"))
+    _float(config, "train.ema_decay", 0.0, 1.0)
+    _float(config, "train.b1", 0.0, 1.0, hi_open=True)
+    _float(config, "train.b2", 0.0, 1.0, hi_open=True)
+    _float(config, "train.eps", 0.0, float("inf"), lo_open=True)
+    _int(config, "train.log_every", 1)
+    _int(config, "train.checkpoint_every", 1)
+    _int(config, "train.keep_checkpoints", 1)
+    _int(config, "train.sample_every", 0)
+    _float(config, "train.p_uncond", 0.0, 1.0, hi_open=True)
+    _int(config, "train.steps_per_call", 1)
+
+    _int(config, "sample.num_samples", 0)
+    _choice(config, "sample.method", _sample_methods())
+    _int(config, "sample.num_steps", 2)
+    if config.sample.num_steps > config.diffusion.num_timesteps:
+        _fail(
+            "sample.num_steps",
+            config.sample.num_steps,
+            f"must be <= diffusion.num_timesteps={config.diffusion.num_timesteps}",
+        )
+    _float(config, "sample.guidance_scale", 0.0, float("inf"))
+    _float(config, "sample.eta", 0.0, float("inf"))
+    _float(config, "sample.clip_x0", 0.0, float("inf"), lo_open=True, optional=True)
+    _int(config, "sample.grid_size", 0)
+    _int(config, "sample.batch_size", 1)
+
+    batch = config.train.batch_size
+    if device_count is not None and batch % device_count:
+        _fail(
+            "train.batch_size",
+            batch,
+            f"the global batch must be divisible by the device count {device_count} "
+            f"(e.g. {max(device_count, batch // device_count * device_count)})",
+        )
+    if process_count is not None and batch % process_count:
+        _fail("train.batch_size", batch, f"must be divisible by process count {process_count}")
+
+
+def check_workdir(workdir: str | os.PathLike | None) -> str:
+    """Checks that ``workdir`` is given and is, or can be created as, a writable directory.
+
+    Nothing is created. Returns the absolute path.
+
+    Raises:
+      ValueError: missing, not a directory, or not writable.
+    """
+    if workdir is None or not str(workdir).strip():
+        raise ValueError("workdir is missing: pass --workdir=DIR (created if needed)")
+    path = os.path.abspath(os.fspath(workdir))
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise ValueError(f"workdir={path!r} exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"workdir={path!r} is not writable")
+        return path
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"workdir={path!r} cannot be created: {parent!r} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"workdir={path!r} cannot be created: {parent!r} is not writable")
+    return path
+
+
+__all__ = [
+    "PARALLEL_KINDS",
+    "check_workdir",
+    "default_config",
+    "validate",
+]

@@ -1,0 +1,82 @@
+"""Subprocess entry for the training tests: a tiny digits run through ``ddpm_jax.cli.main``.
+
+Usage: ``python tests/_train_worker.py --workdir=DIR [--config.*=...] [--coordinator_address=...
+--num_processes=N --process_id=I] [--signal_at=STEP:SIGKILL|SIGTERM]``
+
+``--signal_at`` (stripped before the CLI sees the flags) makes the process send itself the
+signal right after the compiled call that completes update ``STEP``: a deterministic stand-in for
+a kill or a preemption notice arriving between checkpoints. The parent sets ``XLA_FLAGS`` (device
+count) and ``JAX_PLATFORMS``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ddpm_jax import cli, train  # noqa: E402
+from ddpm_jax.config import default_config  # noqa: E402
+
+
+def tiny_config():
+    """A config that trains in seconds on CPU: 8x8 digits, a one-level class-conditional UNet of
+    width 16, classifier-free guided DDIM samples."""
+    c = default_config()
+    c.data.name = "digits"
+    c.model.ch = 16
+    c.model.ch_mult = (1,)
+    c.model.num_res_blocks = 1
+    c.model.attn_resolutions = ()
+    c.model.num_groups = 8
+    c.model.dropout = 0.0
+    c.model.class_conditional = True  # label dropout in training, guided final samples
+    c.diffusion.num_timesteps = 100
+    c.diffusion.beta_start = 1e-3
+    c.diffusion.beta_end = 0.2
+    c.train.num_steps = 12
+    c.train.batch_size = 16
+    c.train.lr = 1e-3
+    c.train.warmup_steps = 2
+    c.train.ema_decay = 0.9
+    c.train.log_every = 1
+    c.train.checkpoint_every = 4
+    c.train.keep_checkpoints = 10
+    c.train.sample_every = 0
+    c.sample.num_samples = 16
+    c.sample.num_steps = 4
+    c.sample.grid_size = 4
+    c.sample.batch_size = 16
+    c.sample.guidance_scale = 2.0
+    return c
+
+
+def _signal_hook(step_and_signal: str):
+    step, name = step_and_signal.split(":")
+    step, signum = int(step), getattr(signal, name)
+
+    def callback(done: int) -> None:
+        if done == step:
+            os.kill(os.getpid(), signum)
+
+    return callback
+
+
+def main(argv: list[str]) -> None:
+    hook = None
+    rest = []
+    for arg in argv:
+        if arg.startswith("--signal_at="):
+            hook = _signal_hook(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+    if hook is not None:
+        train.run = functools.partial(train.run, step_callback=hook)
+    cli.main(tiny_config, rest)
+
+
+if __name__ == "__main__":
+    main(sys.argv)

@@ -1,0 +1,281 @@
+"""End-to-end tests of the run loop (ddpm_jax.train via ddpm_jax.cli) on a tiny digits model.
+
+Runs are subprocesses of ``tests/_train_worker.py`` (8 simulated CPU devices unless stated) that
+share a JAX compilation cache, so only the first run of each program compiles. One uninterrupted
+reference run (12 steps, checkpoints every 4, every step logged) is compared with:
+
+- a run killed with SIGKILL after step 10 and resumed: identical per-step losses and samples;
+- a run stopped with SIGTERM after step 6 (pmap, 2 steps per call): a checkpoint at step 6,
+  then resumed;
+- a rerun whose newest checkpoint is corrupt: falls back to the previous one, identical results;
+- two processes with 4 devices each (``jax.distributed`` on loopback, gloo collectives).
+
+Bad input is checked in-process: one line on stderr, exit code 2, no compilation.
+"""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import _train_worker as worker
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from PIL import Image
+
+from ddpm_jax import cli, train
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_train_worker.py")
+NUM_STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("jax_compilation_cache"))
+
+
+def _launch(cache_dir, workdir, *args, devices=8, wait=True):
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
+    env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
+    cmd = [sys.executable, WORKER, f"--workdir={workdir}", *args]
+    if not wait:
+        pipe = subprocess.PIPE
+        return subprocess.Popen(cmd, env=env, stdout=pipe, stderr=pipe, text=True)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _check_ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _losses(workdir):
+    return np.array([(m["step"], m["loss"], m["grad_norm"]) for m in _metrics(workdir)])
+
+
+def _checkpoint_steps(workdir):
+    return sorted(int(p) for p in os.listdir(os.path.join(workdir, "checkpoints")) if p.isdigit())
+
+
+def _params(workdir, step):
+    """The parameters of a checkpoint as numpy arrays (whatever devices wrote it)."""
+    path = os.path.join(workdir, "checkpoints", str(step), "default")
+    ckptr = ocp.PyTreeCheckpointer()
+    tree = ckptr.metadata(path).item_metadata.tree
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))["params"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache_dir):
+    workdir = str(tmp_path_factory.mktemp("runs") / "reference")
+    proc = _launch(cache_dir, workdir, "--config.train.sample_every=6")
+    _check_ok(proc)
+    return workdir, proc
+
+
+def test_uninterrupted_run_writes_every_output(reference, capsys):
+    workdir, proc = reference
+    assert "done: 12 steps" in proc.stdout
+    config = json.load(open(os.path.join(workdir, "config.json")))
+    assert config["train"]["num_steps"] == NUM_STEPS and config["data"]["name"] == "digits"
+    metrics = _metrics(workdir)
+    assert [m["step"] for m in metrics] == list(range(1, NUM_STEPS + 1))
+    assert {"step", "loss", "steps_per_sec", "grad_norm", "lr"} <= set(metrics[0])
+    losses = [m["loss"] for m in metrics]
+    assert np.mean(losses[-4:]) < losses[0]  # it learns
+    assert metrics[0]["lr"] == pytest.approx(0.5e-3) and metrics[5]["lr"] == pytest.approx(1e-3)
+    for step in (6, 12):  # 4x4 grid of 8x8 images with 1-pixel padding
+        png = Image.open(os.path.join(workdir, "samples", f"step_{step:07d}.png"))
+        assert png.size == (37, 37)
+    with np.load(os.path.join(workdir, "samples.npz")) as f:
+        assert f["images"].dtype == np.uint8 and f["images"].shape == (16, 8, 8, 1)
+        np.testing.assert_array_equal(f["labels"], np.arange(16) % 10)  # classes cycled
+        assert f["images"].std() > 0
+    assert _checkpoint_steps(workdir) == [4, 8, 12]
+
+    # Re-running a finished run (in-process: nothing is compiled) only reports it.
+    copy = workdir + "_rerun"
+    shutil.copytree(workdir, copy)
+    result = train.run(worker.tiny_config(), copy)
+    assert result.status == "already_complete" and result.step == NUM_STEPS
+    assert "already finished" in capsys.readouterr().out
+    assert _metrics(copy) == _metrics(workdir)
+
+
+def test_sigkill_between_checkpoints_then_resume_is_identical(reference, cache_dir, tmp_path):
+    ref_dir, _ = reference
+    workdir = str(tmp_path / "killed")
+    killed = _launch(cache_dir, workdir, "--signal_at=10:SIGKILL")
+    assert killed.returncode == -signal.SIGKILL
+    assert [m["step"] for m in _metrics(workdir)] == list(range(1, 11))
+    assert 4 in _checkpoint_steps(workdir) and 12 not in _checkpoint_steps(workdir)
+    assert not os.path.exists(os.path.join(workdir, "samples.npz"))
+
+    resumed = _launch(cache_dir, workdir)
+    _check_ok(resumed)
+    assert "resuming from the checkpoint of step 8" in resumed.stdout or (
+        "resuming from the checkpoint of step 4" in resumed.stdout
+    )
+    np.testing.assert_array_equal(_losses(workdir), _losses(ref_dir))  # bitwise
+    with np.load(f"{workdir}/samples.npz") as a, np.load(f"{ref_dir}/samples.npz") as b:
+        np.testing.assert_array_equal(a["images"], b["images"])
+    jax.tree.map(np.testing.assert_array_equal, _params(workdir, 12), _params(ref_dir, 12))
+
+
+def test_sigterm_saves_the_current_step_and_resumes(reference, cache_dir, tmp_path):
+    """With pmap and two steps per call: also shows, end to end, that these give the results of
+    the shard_map reference (up to float rounding)."""
+    ref_dir, _ = reference
+    workdir = str(tmp_path / "preempted")
+    args = ["--config.parallel=pmap", "--config.train.steps_per_call=2"]
+    stopped = _launch(cache_dir, workdir, "--signal_at=6:SIGTERM", *args)
+    _check_ok(stopped)
+    assert "preempted (SIGTERM): saved the checkpoint of step 6" in stopped.stdout
+    assert _checkpoint_steps(workdir) == [4, 6]  # 6 is not a multiple of checkpoint_every
+    assert [m["step"] for m in _metrics(workdir)] == list(range(1, 7))
+    assert not os.path.exists(os.path.join(workdir, "samples.npz"))
+
+    resumed = _launch(cache_dir, workdir, *args)
+    _check_ok(resumed)
+    assert "resuming from the checkpoint of step 6" in resumed.stdout
+    assert _checkpoint_steps(workdir) == [4, 6, 8, 12]
+    np.testing.assert_allclose(_losses(workdir), _losses(ref_dir), rtol=1e-5)
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(reference, cache_dir, tmp_path):
+    ref_dir, _ = reference
+    workdir = str(tmp_path / "corrupt")
+    shutil.copytree(ref_dir, workdir)
+    os.remove(os.path.join(workdir, "samples.npz"))
+    data_files = glob.glob(os.path.join(workdir, "checkpoints", "12", "default", "d", "*"))
+    assert data_files
+    for path in data_files:
+        with open(path, "r+b") as f:
+            f.truncate(16)
+    proc = _launch(cache_dir, workdir)
+    _check_ok(proc)
+    assert "warning: checkpoint 12" in proc.stderr and "falling back" in proc.stderr
+    assert "resuming from the checkpoint of step 8" in proc.stdout
+    assert [p.split("-")[0] for p in os.listdir(f"{workdir}/checkpoints.corrupt")] == ["12"]
+    np.testing.assert_array_equal(_losses(workdir), _losses(ref_dir))
+    with np.load(f"{workdir}/samples.npz") as a, np.load(f"{ref_dir}/samples.npz") as b:
+        np.testing.assert_array_equal(a["images"], b["images"])
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cache_dir, tmp_path):
+    workdir = str(tmp_path / "diverged")
+    args = ["--config.train.lr=1e30", "--config.train.checkpoint_every=1"]
+    proc = _launch(cache_dir, workdir, *args)
+    assert proc.returncode == cli.EXIT_DIVERGED, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "non-finite loss" in errors[0], proc.stderr[-3000:]
+    logged = _metrics(workdir)
+    assert logged and all(np.isfinite(m["loss"]) for m in logged)
+    bad_step = len(logged) + 1
+    assert f"at step {bad_step}" in errors[0]
+    assert _checkpoint_steps(workdir) == list(range(1, bad_step))  # nothing at or after it
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The pmap variant adds ~35 s on 2 cores (two more compilations); marked slow for that reason.
+@pytest.mark.parametrize("kind", ["shard_map", pytest.param("pmap", marks=pytest.mark.slow)])
+def test_two_processes_equal_one_process(reference, cache_dir, tmp_path, kind):
+    """2 processes x 4 devices (jax.distributed on loopback, gloo) = 1 process x 8 devices."""
+    ref_dir, _ = reference
+    workdir = str(tmp_path / "two_processes")
+    address = f"127.0.0.1:{_free_port()}"
+    distributed = [f"--coordinator_address={address}", "--num_processes=2"]
+    if kind == "pmap":  # the sampler's multi-process path is covered by the shard_map variant
+        distributed.append("--config.sample.num_samples=0")
+    procs = [
+        _launch(
+            cache_dir,
+            workdir,
+            *distributed,
+            f"--process_id={i}",
+            f"--config.parallel={kind}",
+            devices=4,
+            wait=False,
+        )
+        for i in range(2)
+    ]
+    for p in procs:
+        out, err = p.communicate(timeout=900)
+        assert p.returncode == 0, f"{out}\n{err[-4000:]}"
+    # Reduction order differs (gloo all-reduce across processes): float32 rounding only.
+    np.testing.assert_allclose(_losses(workdir), _losses(ref_dir), rtol=1e-5)
+    diff = jax.tree.map(
+        lambda a, b: float(np.max(np.abs(a - b))), _params(workdir, 12), _params(ref_dir, 12)
+    )
+    assert max(jax.tree.leaves(diff)) < 1e-5
+    if kind == "pmap":
+        return
+    with np.load(f"{workdir}/samples.npz") as a, np.load(f"{ref_dir}/samples.npz") as b:
+        np.testing.assert_array_equal(a["labels"], b["labels"])
+        assert np.mean(np.abs(a["images"].astype(int) - b["images"].astype(int)) <= 1) > 0.99
+
+
+class _CompileCounter:
+    """Records XLA compilations (tracing is allowed: it is how the model's config is checked)."""
+
+    def __init__(self):
+        self.events, self.names = [], []
+
+    def __call__(self, event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.events.append(event)
+            self.names.append(kwargs.get("fun_name"))
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--config.train.batch_size=12"], "train.batch_size=12"),
+        (["--config.parallel=vmap"], "parallel='vmap'"),
+        (["--config.sample.method=euler"], "sample.method='euler'"),
+        (["--config.train.bacth_size=16"], "bacth_size"),
+        (["--config.model.ch_mult=(1,2,2,2,2)"], "divisible by 16"),
+        (["--config.model.num_heads=3"], "num_heads"),
+        (["--config.data.name=no_such_dataset"], "no_such_dataset"),
+        ([], "workdir is missing"),
+        (["--workdir={file}/run"], "is not a directory"),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_2_before_compiling(tmp_path, capfd, args, expected):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    argv = ["prog", *(a.format(file=blocker) for a in args)]
+    if not any(a.startswith("--workdir") for a in argv) and expected != "workdir is missing":
+        argv.append(f"--workdir={tmp_path / 'run'}")
+    counter = _CompileCounter()
+    jax.monitoring.register_event_duration_secs_listener(counter)
+    try:
+        capfd.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(worker.tiny_config, argv)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(counter)
+    err = capfd.readouterr().err
+    assert exit_info.value.code == cli.EXIT_USAGE
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error:"), err
+    assert expected in err
+    assert counter.events == [], counter.names
