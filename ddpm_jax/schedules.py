@@ -117,7 +117,7 @@ def from_betas(betas) -> Schedule:
         log_snr=np.log(ab) - np.log1p(-ab),
     )
     return Schedule(
-        **{k: jnp.asarray(v, dtype=jnp.float32) for k, v in tables.items()},
+        **{k: jnp.asarray(v.astype(np.float32)) for k, v in tables.items()},
         num_timesteps=int(b.size),
     )
 
