@@ -33,6 +33,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +74,7 @@ class RunResult:
       metrics_path: ``metrics.jsonl``.
       samples_path: ``samples.npz``, or None when not written (``sample.num_samples = 0`` or
         preempted).
+      ema_params: the replicated EMA parameters at return (for sampling by the caller).
     """
 
     status: str
@@ -80,6 +82,7 @@ class RunResult:
     workdir: str
     metrics_path: str
     samples_path: str | None
+    ema_params: Any = None
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int | None) -> UNet:
@@ -182,15 +185,18 @@ def _cut_metrics(path: str, up_to_step: int) -> None:
     os.replace(path + ".tmp", path)
 
 
-class _Sampler:
+class Sampler:
     """EMA samples in rounds sharded over the mesh's batch axis, gathered on every process.
 
     Initial noise and per-step noise are drawn for the whole global batch of a round (the random
     draws are partitionable), so samples do not depend on the device count.
     """
 
-    def __init__(self, config, model: UNet, schedule, dp: DataParallel, image_shape):
+    def __init__(
+        self, config, model: UNet, schedule, dp: DataParallel, image_shape, decode_fn=None
+    ):
         self.config, self.model, self.schedule, self.dp = config, model, schedule, dp
+        self.decode_fn = decode_fn  # optional jittable map of samples to images in [-1, 1]
         self.image_shape = tuple(image_shape)
         self.sharding = NamedSharding(dp.mesh, P(AXIS))
         self._fns: dict[int, Callable] = {}
@@ -209,7 +215,7 @@ class _Sampler:
                         model_fn, s.guidance_scale, self.model.num_classes
                     )
                     model_fn = lambda x_t, t: guided(x_t, t, y=labels)
-                return samplers.sample(
+                x = samplers.sample(
                     model_fn,
                     self.schedule,
                     k_sample,
@@ -221,12 +227,26 @@ class _Sampler:
                     clip_x0=s.clip_x0 or None,
                     x_T=x_T,
                 )
+                return x if self.decode_fn is None else self.decode_fn(x)
 
             self._fns[batch] = jax.jit(generate, out_shardings=self.sharding)
         return self._fns[batch]
 
-    def __call__(self, ema_params, key: jax.Array, num: int) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(
+        self,
+        ema_params,
+        key: jax.Array,
+        num: int,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``num`` samples; rounds of ``sample.batch_size`` rounded up to the device count.
+
+        Args:
+          ema_params: the (replicated) EMA parameters.
+          key: sampling key; round ``r`` uses ``fold_in(key, r)``.
+          num: number of samples.
+          progress: optional ``progress(rounds_done, rounds)``, called after each round's
+            images are on the host.
 
         Returns:
           ``(images uint8 [num, H, W, C], labels int32 [num])`` on every process; labels cycle
@@ -245,6 +265,8 @@ class _Sampler:
             y = jax.make_array_from_callback(chunk.shape, self.sharding, lambda i, c=chunk: c[i])
             x = self._fn(batch)(ema_params, jax.random.fold_in(key, r), y)
             out.append(images.to_uint8(multihost_utils.process_allgather(x, tiled=True)))
+            if progress is not None:
+                progress(r + 1, rounds)
         return np.concatenate(out)[:num], labels[:num]
 
 
@@ -253,6 +275,9 @@ def run(
     workdir: str | os.PathLike,
     *,
     step_callback: Callable[[int], None] | None = None,
+    model: Any = None,
+    dataset: Any = None,
+    decode_fn: Callable[[jax.Array], jax.Array] | None = None,
 ) -> RunResult:
     """Trains (or resumes) the diffusion model of ``config`` in ``workdir``.
 
@@ -261,6 +286,14 @@ def run(
       workdir: work directory (created; resumed from when it holds checkpoints).
       step_callback: optional ``callback(step)`` called on every process after each compiled
         call with the number of completed updates (tests use it to interrupt runs).
+      model: optional prebuilt Flax model replacing ``build_model(config)``; it takes the UNet's
+        call ``apply(vars, x, t, y=None, train=False)`` and has ``num_classes`` (None or the null
+        label), e.g. ``ddpm_jax.latent.PromptUNet``. ``config.model`` is then not used.
+      dataset: optional prebuilt dataset replacing ``build_dataset(config)`` (``image_shape``,
+        ``num_classes``, ``local_batch_size``, ``iterator(start_step)`` as ``data.ImageDataset``),
+        e.g. ``ddpm_jax.latent.LatentDataset`` of encoded latents.
+      decode_fn: optional jittable map of sampled arrays to images ``[B, H, W, C]`` in [-1, 1]
+        (e.g. a frozen VAE decoder), applied before the grids and ``samples.npz``.
 
     Returns:
       A :class:`RunResult`.
@@ -276,7 +309,8 @@ def run(
             config, device_count=jax.device_count(), process_count=jax.process_count()
         )
         workdir = config_lib.check_workdir(workdir)
-        trainer = _Trainer(config, workdir, build_dataset(config))
+        ds = build_dataset(config) if dataset is None else dataset
+        trainer = _Trainer(config, workdir, ds, model=model, decode_fn=decode_fn)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
@@ -292,13 +326,14 @@ def run(
 class _Trainer:
     """The pieces of one run and its loop (see :func:`run`)."""
 
-    def __init__(self, config, workdir: str, ds: data.ImageDataset):
+    def __init__(self, config, workdir: str, ds: data.ImageDataset, model=None, decode_fn=None):
         self.config, self.workdir, self.ds = config, workdir, ds
+        self.decode_fn = decode_fn
         self.metrics_path = os.path.join(workdir, "metrics.jsonl")
         self.samples_path = os.path.join(workdir, "samples.npz")
         tc = config.train
         self.dp = DataParallel(config.parallel)
-        self.model = build_model(config, ds.num_classes)
+        self.model = build_model(config, ds.num_classes) if model is None else model
         self.lr_schedule = state_lib.learning_rate_schedule(tc.lr, tc.warmup_steps)
         self.optimizer = state_lib.make_optimizer(
             tc.lr, tc.warmup_steps, tc.grad_clip, b1=tc.b1, b2=tc.b2, eps=tc.eps
@@ -311,7 +346,7 @@ class _Trainer:
         )
         self.ckpt: Checkpointer | None = None  # opened by run()
         self.schedule: schedules.Schedule | None = None  # built by run() (device arrays)
-        self.sampler: _Sampler | None = None
+        self.sampler: Sampler | None = None
 
     def key(self, tag: int) -> jax.Array:
         """``fold_in(key(seed), tag)``: the key of initialisation, grids or final samples."""
@@ -327,7 +362,9 @@ class _Trainer:
     def run(self, step_callback) -> RunResult:
         config, tc = self.config, self.config.train
         self.schedule = build_schedule(config)
-        self.sampler = _Sampler(config, self.model, self.schedule, self.dp, self.ds.image_shape)
+        self.sampler = Sampler(
+            config, self.model, self.schedule, self.dp, self.ds.image_shape, self.decode_fn
+        )
         if _is_writer():
             path, as_dict = f"{self.workdir}/config.json", json.loads(config.to_json())
             if os.path.exists(path) and _read_json(path) != as_dict:
@@ -349,7 +386,9 @@ class _Trainer:
         if start >= tc.num_steps:
             _print(f"training already finished (step {start} >= train.num_steps={tc.num_steps})")
             path = self._final_samples(state, overwrite=False)
-            return RunResult("already_complete", start, self.workdir, self.metrics_path, path)
+            return RunResult(
+                "already_complete", start, self.workdir, self.metrics_path, path, state.ema_params
+            )
         status, step, state = self._loop(self.dp.from_replicated(state), start, step_callback)
         path = None
         if status == "completed":
@@ -358,7 +397,8 @@ class _Trainer:
                 f"done: {step} steps. metrics: {self.metrics_path}; sample grids: "
                 f"{self.workdir}/samples/; samples: {path}; checkpoints: {self.ckpt.directory}"
             )
-        return RunResult(status, step, self.workdir, self.metrics_path, path)
+        ema = self.dp.to_replicated(state).ema_params
+        return RunResult(status, step, self.workdir, self.metrics_path, path, ema)
 
     def _train_fn(self):
         config, model = self.config, self.model
@@ -494,12 +534,98 @@ class _Trainer:
         return self.samples_path
 
 
+@dataclasses.dataclass
+class LoadedRun:
+    """A trained run's pieces for sampling (see :func:`load_run`).
+
+    Attributes:
+      workdir: absolute work directory.
+      config: the run's config (from ``config.json``).
+      model: the UNet (class-conditional when ``model.num_classes`` is set).
+      schedule: the noise schedule.
+      dp: data parallelism over all devices.
+      image_shape: ``(H, W, C)`` of the model's images.
+      ema_params: the EMA parameters of the newest checkpoint, replicated over ``dp``'s mesh.
+      step: that checkpoint's step.
+    """
+
+    workdir: str
+    config: ml_collections.ConfigDict
+    model: UNet
+    schedule: schedules.Schedule
+    dp: DataParallel
+    image_shape: tuple[int, int, int]
+    ema_params: object
+    step: int
+
+    def sampler(self, **sample_overrides) -> Sampler:
+        """A :class:`Sampler` of this run with ``config.sample.<field>`` overridden."""
+        config = ml_collections.ConfigDict(self.config.to_dict())
+        for field, value in sample_overrides.items():
+            if field not in config.sample:
+                raise ValueError(f"sample.{field} is not a sample setting: {list(config.sample)}")
+            config.sample[field] = value
+        return Sampler(config, self.model, self.schedule, self.dp, self.image_shape)
+
+
+def load_run(workdir: str | os.PathLike) -> LoadedRun:
+    """Loads a training run's config and the EMA parameters of its newest checkpoint.
+
+    Nothing in ``workdir`` is changed (an unreadable checkpoint is an error, not moved aside).
+
+    Raises:
+      ConfigError: (a ValueError) no such run, no ``config.json``, an invalid config or no
+        checkpoint.
+      ddpm_jax.data.DataUnavailableError: the run's dataset is not available (its image shape
+        and classes come from it).
+    """
+    path = os.path.abspath(os.fspath(workdir))
+    config_path = os.path.join(path, "config.json")
+    ckpt_dir = os.path.join(path, "checkpoints")
+    if not os.path.isdir(path):
+        raise ConfigError(f"workdir={path!r} does not exist; pass a training run's --workdir")
+    if not os.path.exists(config_path):
+        raise ConfigError(f"workdir={path!r} has no config.json: it is not a training run")
+    config = ml_collections.ConfigDict(_read_json(config_path))
+    try:
+        config_lib.validate(config)
+        trainer = _Trainer(config, path, build_dataset(config))
+    except ValueError as e:
+        raise ConfigError(f"{config_path}: {e}") from e
+    steps = []
+    if os.path.isdir(ckpt_dir):
+        steps = sorted(int(p) for p in os.listdir(ckpt_dir) if p.isdigit())
+    if not steps:
+        raise ConfigError(f"workdir={path!r} has no checkpoint in {ckpt_dir}; train it first")
+    ckpt = Checkpointer(ckpt_dir, max_to_keep=config.train.keep_checkpoints)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise ConfigError(f"workdir={path!r} has no complete checkpoint in {ckpt_dir}")
+        state = ckpt.restore(step, trainer.abstract_state)
+    finally:
+        ckpt.close()
+    return LoadedRun(
+        workdir=path,
+        config=config,
+        model=trainer.model,
+        schedule=build_schedule(config),
+        dp=trainer.dp,
+        image_shape=tuple(trainer.ds.image_shape),
+        ema_params=state.ema_params,
+        step=int(step),
+    )
+
+
 __all__ = [
     "ConfigError",
+    "LoadedRun",
     "NonFiniteLossError",
     "RunResult",
+    "Sampler",
     "build_dataset",
     "build_model",
     "build_schedule",
+    "load_run",
     "run",
 ]
