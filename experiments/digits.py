@@ -1,0 +1,75 @@
+"""Offline quickstart: a class-conditional DDPM with classifier-free guidance on 8x8 digits.
+
+Trains on scikit-learn's embedded handwritten digits (1,437 training images of 8x8 pixels, 10
+classes; no download) and finishes in a few minutes on two CPU cores::
+
+    python -m experiments.digits --workdir=runs/digits
+
+The recipe, chosen for a CPU budget of a few minutes:
+
+- data: the native 8x8 images (no flips: digits are not mirror-symmetric);
+- model: a two-level UNet (ch 32, ch_mult (1, 2), one residual block per level, attention only in
+  the middle block at 4x4, no dropout; 0.65M parameters) with a class embedding and a null label;
+- diffusion: cosine schedule (Nichol & Dhariwal 2021) with T = 1000, ε-prediction;
+- training: 800 steps of batch 128 (~70 epochs), Adam 2e-3 after a 50-step warm-up, gradient
+  clipping at 1.0, EMA decay 0.995 (an averaging window of ~200 steps), labels dropped with
+  probability 0.15 so the same network is also the unconditional model;
+- sampling: DPM-Solver++(2M) with 20 steps and classifier-free guidance scale 2 (ε̃ = ε_∅ +
+  2 (ε_c - ε_∅)); a 10x10 grid every 200 steps whose column j shows class j, and 1,000 samples
+  (100 of each class) in ``samples.npz`` at the end.
+
+With these settings a CNN trained on the digits training split (``ddpm_jax.digits_classifier``)
+recognises the requested class of 99.7% of the guided samples (88% without guidance, scale 1);
+``python -m experiments.evaluate --workdir=DIR`` measures it. Flags: see ``ddpm_jax.cli``;
+re-running the same command resumes.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from ddpm_jax import cli
+from ddpm_jax.config import default_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The digits quickstart configuration (see the module docstring)."""
+    c = default_config()
+    c.data.name = "digits"
+    c.data.random_flip = False
+
+    c.model.ch = 32
+    c.model.ch_mult = (1, 2)
+    c.model.num_res_blocks = 1
+    c.model.attn_resolutions = ()
+    c.model.dropout = 0.0
+    c.model.num_groups = 8
+    c.model.class_conditional = True
+
+    c.diffusion.schedule = "cosine"
+    c.diffusion.num_timesteps = 1000
+    c.diffusion.prediction = "eps"
+
+    c.train.num_steps = 800
+    c.train.batch_size = 128
+    c.train.lr = 2e-3
+    c.train.warmup_steps = 50
+    c.train.grad_clip = 1.0
+    c.train.ema_decay = 0.995
+    c.train.p_uncond = 0.15
+    c.train.log_every = 50
+    c.train.checkpoint_every = 400
+    c.train.sample_every = 200
+    c.train.steps_per_call = 10
+
+    c.sample.num_samples = 1000
+    c.sample.method = "dpmpp_2m"
+    c.sample.num_steps = 20
+    c.sample.guidance_scale = 2.0
+    c.sample.grid_size = 10  # 100 samples: column j is class j (labels cycle through 0..9)
+    c.sample.batch_size = 100  # the grids and the final samples share one compiled sampler
+    return c
+
+
+if __name__ == "__main__":
+    cli.main(get_config)
