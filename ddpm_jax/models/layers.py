@@ -9,6 +9,7 @@ residual branch (``ResBlock.conv2``, ``AttnBlock.proj_out``, ``SpatialTransforme
 starts at exactly zero, so each block is the identity map (on its shortcut) at initialisation.
 """
 
+import functools
 import math
 from typing import Any
 
@@ -66,12 +67,104 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return jax.nn.dot_product_attention(q, k, v)
 
 
+def _group_moments(x3: jax.Array, num_groups: int, epsilon: float):
+    """Per-channel mean and 1 / std of each group of ``x3: [B, N, C]`` (float32), as [B, C]."""
+    b, n, c = x3.shape
+    d = c // num_groups
+
+    def group_mean(per_channel_sum):  # [B, C] sums over N -> [B, C] means over the group
+        return jnp.repeat(per_channel_sum.reshape(b, num_groups, d).sum(-1), d, axis=-1) / (n * d)
+
+    # Two passes (the mean, then the mean squared deviation from it): exact where
+    # E[x^2] - E[x]^2 cancels (|mean| >> std). Sums run per channel over N first: XLA's CPU
+    # reductions over a group's two axes at once were 10x slower.
+    mean = group_mean(jnp.sum(x3, axis=1))
+    centred = x3 - mean[:, None]
+    var = group_mean(jnp.sum(centred * centred, axis=1))
+    return mean, jax.lax.rsqrt(var + epsilon)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def group_norm(
+    x: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array,
+    num_groups: int,
+    epsilon: float = 1e-6,
+    swish: bool = False,
+    dtype: Dtype = jnp.float32,
+) -> jax.Array:
+    """Group normalisation with per-channel affine map, optionally followed by swish.
+
+    ``y = (x - mean_g) / sqrt(var_g + epsilon) * scale + bias`` (then ``y * sigmoid(y)`` with
+    ``swish``), statistics over all non-batch positions of each group of ``C / num_groups``
+    channels, computed in float32. The gradient is written out by hand (two passes over ``x``
+    and ``dy``; the residuals are ``x`` and [B, C] statistics), which XLA runs several times
+    faster than the autodiff of the same expression.
+
+    Args:
+      x: [B, ..., C] features.
+      scale: [C] float32.
+      bias: [C] float32.
+      num_groups: G, divides C.
+      epsilon: added to the variance.
+      swish: apply ``y * sigmoid(y)`` to the result.
+      dtype: output dtype.
+
+    Returns:
+      [B, ..., C] in ``dtype``.
+    """
+    return _group_norm_fwd(x, scale, bias, num_groups, epsilon, swish, dtype)[0]
+
+
+def _group_norm_fwd(x, scale, bias, num_groups, epsilon, swish, dtype):
+    x3 = x.reshape(x.shape[0], -1, x.shape[-1]).astype(jnp.float32)
+    mean, rstd = _group_moments(x3, num_groups, epsilon)
+    a = rstd * scale  # y = x * a + (bias - mean * a): one affine map per example and channel
+    y = x3 * a[:, None] + (bias - mean * a)[:, None]
+    if swish:
+        # Ending in a division (an "expensive" op to XLA) keeps XLA from recomputing the whole
+        # normalisation inside each consumer (e.g. the transposes of the convolution's backward
+        # pass, which would then evaluate it element by element in transposed order).
+        y = y / (1.0 + jnp.exp(-y))
+    return y.reshape(x.shape).astype(dtype), (x, scale, bias, mean, rstd)
+
+
+def _group_norm_bwd(num_groups, epsilon, swish, dtype, residuals, dy):
+    x, scale, bias, mean, rstd = residuals
+    b, c = x.shape[0], x.shape[-1]
+    x3 = x.reshape(b, -1, c).astype(jnp.float32)
+    dz = dy.reshape(x3.shape).astype(jnp.float32)
+    xhat = (x3 - mean[:, None]) * rstd[:, None]
+    if swish:  # d/dz [z sigmoid(z)] = s (1 + z (1 - s))
+        z = xhat * scale + bias
+        s = jax.nn.sigmoid(z)
+        dz = dz * (s * (1.0 + z * (1.0 - s)))
+    s1 = jnp.sum(dz, axis=1)  # [B, C]
+    s2 = jnp.sum(dz * xhat, axis=1)
+    d = c // num_groups
+    n = x3.shape[1] * d
+
+    def group_mean(v):  # [B, C] -> mean over each group's channels, per channel, / n
+        return jnp.repeat(v.reshape(b, num_groups, d).sum(-1), d, axis=-1) / n
+
+    mean_dxhat, mean_dxhat_xhat = group_mean(s1 * scale), group_mean(s2 * scale)
+    dx = (rstd * scale)[:, None] * dz - rstd[:, None] * (
+        mean_dxhat[:, None] + xhat * mean_dxhat_xhat[:, None]
+    )
+    return dx.reshape(x.shape).astype(x.dtype), jnp.sum(s2, 0), jnp.sum(s1, 0)
+
+
+group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
 class GroupNorm(nn.Module):
     """Group normalisation over (H, W, C / G) per example and group, statistics in float32.
 
     Attributes:
       num_groups: number of groups G; must divide the channel count C.
       epsilon: added to the variance.
+      swish: apply swish to the output (fused; ``swish(GroupNorm(x))``).
       dtype: dtype of the output.
 
     Call args:
@@ -83,6 +176,7 @@ class GroupNorm(nn.Module):
 
     num_groups: int = 32
     epsilon: float = 1e-6
+    swish: bool = False
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -95,17 +189,148 @@ class GroupNorm(nn.Module):
             )
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", zeros_init, (c,), jnp.float32)
-        xg = x.astype(jnp.float32).reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
-        axes = (*range(1, x.ndim - 1), x.ndim)  # all spatial axes and the within-group axis
-        # Single-pass moments of data shifted by one sample of each group: as fast as
-        # E[x^2] - E[x]^2 (one fused reduction) without its cancellation when |mean| >> std.
-        # The output does not depend on the shift, so stopping its gradient is exact.
-        first = (slice(None), *([slice(0, 1)] * (x.ndim - 2)), slice(None), slice(0, 1))
-        shifted = xg - jax.lax.stop_gradient(xg[first])
-        m1 = jnp.mean(shifted, axis=axes, keepdims=True)
-        var = jnp.maximum(jnp.mean(jnp.square(shifted), axis=axes, keepdims=True) - m1 * m1, 0.0)
-        y = ((shifted - m1) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
-        return (y * scale + bias).astype(self.dtype)
+        return group_norm(x, scale, bias, self.num_groups, self.epsilon, self.swish, self.dtype)
+
+
+_CONV_DIMS = ("NHWC", "HWIO", "NHWC")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d(
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: tuple[int, int],
+    padding: tuple[tuple[int, int], tuple[int, int]],
+) -> jax.Array:
+    """``lax.conv_general_dilated`` (NHWC, HWIO) whose gradients are plain convolutions too.
+
+    Equal to ``jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=
+    ("NHWC", "HWIO", "NHWC"))`` with the same gradients, but the backward pass spells out the
+    input gradient as a stride-1 convolution with the flipped kernel and the kernel gradient as
+    a convolution of transposed operands, both in the forward ``NHWC / HWIO`` layout. XLA's CPU
+    backend only rewrites autodiff's convolutions (other dimension orders) into that layout
+    outside loops: inside a ``lax.scan`` (several training steps per call) it emitted them as
+    naive loops, 10-100x slower.
+
+    Args:
+      x: [B, H, W, C_in] input.
+      kernel: [KH, KW, C_in, C_out].
+      strides: (SH, SW).
+      padding: ((top, bottom), (left, right)) explicit zero padding.
+
+    Returns:
+      [B, H', W', C_out].
+    """
+    return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_CONV_DIMS)
+
+
+def _conv2d_fwd(x, kernel, strides, padding):
+    return conv2d(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv2d_bwd(strides, padding, residuals, dy):
+    # The barrier keeps XLA from fusing x's producer (e.g. GroupNorm + swish) into the transposes
+    # below, which then recompute it element by element in transposed order (several times slower
+    # than transposing the stored x).
+    x, kernel = jax.lax.optimization_barrier(residuals)
+    ksize, in_size, out_size = kernel.shape[:2], x.shape[1:3], dy.shape[1:3]
+    # dx: stride-1 convolution of dy, dilated by the strides, with the flipped kernel (in <-> out).
+    flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
+    pads = [
+        (k - 1 - lo, n + lo - (m - 1) * s - 1)
+        for n, m, k, s, (lo, _) in zip(in_size, out_size, ksize, strides, padding, strict=True)
+    ]
+    dx = jax.lax.conv_general_dilated(
+        dy, flipped, (1, 1), pads, lhs_dilation=strides, dimension_numbers=_CONV_DIMS
+    )
+    # dkernel[kh, kw, i, o] = sum_{b, y, x} x_pad[b, s*y + kh, s*x + kw, i] dy[b, y, x, o]: a
+    # convolution with batch C_in, features B and the (stride-dilated) dy as the kernel.
+    dk = jax.lax.conv_general_dilated(
+        jnp.transpose(x, (3, 1, 2, 0)),  # [C_in, H, W, B]
+        jnp.transpose(dy, (1, 2, 0, 3)),  # [H', W', B, C_out]
+        (1, 1),
+        padding,
+        rhs_dilation=strides,
+        dimension_numbers=_CONV_DIMS,
+    )  # [C_in, >= KH, >= KW, C_out]
+    dk = jnp.transpose(dk[:, : ksize[0], : ksize[1]], (1, 2, 0, 3))
+    return dx, dk.astype(kernel.dtype)
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+@jax.custom_vjp
+def pointwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``x @ kernel`` over the last axis (a 1x1 convolution), with the kernel gradient computed
+    as ``(dy^T x)^T``: the orientation in which XLA's CPU matmul reads both [N, C] operands in
+    place (``x^T dy`` made XLA write ``dy`` transposed first).
+
+    Args:
+      x: [..., C_in].
+      kernel: [C_in, C_out].
+
+    Returns:
+      [..., C_out].
+    """
+    return jnp.dot(x, kernel)
+
+
+def _pointwise_fwd(x, kernel):
+    return jnp.dot(x, kernel), (x, kernel)
+
+
+def _pointwise_bwd(residuals, dy):
+    x, kernel = residuals
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    dk_t = jax.lax.dot_general(dy2, x2, (((0,), (0,)), ((), ())))  # [C_out, C_in]
+    return jnp.dot(dy, kernel.T), dk_t.T.astype(kernel.dtype)
+
+
+pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
+
+
+class Conv(nn.Module):
+    """A square NHWC convolution with bias, computing in ``dtype`` with float32 parameters.
+
+    Same parameters (``kernel`` [K, K, C_in, features], ``bias`` [features]) and results as
+    ``flax.linen.Conv``; 3x3 kernels go through :func:`conv2d`, 1x1 kernels are a matmul.
+
+    Attributes:
+      features: output channels.
+      kernel_size: K.
+      strides: stride in H and W.
+      padding: ``"SAME"``, ``"VALID"`` or explicit ``((top, bottom), (left, right))``.
+      kernel_init: kernel initialiser.
+      dtype: compute dtype.
+
+    Call args:
+      x: [B, H, W, C_in].
+
+    Returns:
+      [B, H', W', features].
+    """
+
+    features: int
+    kernel_size: int = 3
+    strides: int = 1
+    padding: Any = "SAME"
+    kernel_init: Any = default_init
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, s = self.kernel_size, self.strides
+        kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features))
+        bias = self.param("bias", zeros_init, (self.features,))
+        x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
+        if k == 1 and s == 1 and self.padding in ("SAME", "VALID", ((0, 0), (0, 0))):
+            return pointwise(x, kernel[0, 0]) + bias
+        padding = self.padding
+        if isinstance(padding, str):
+            padding = jax.lax.padtype_to_pads(x.shape[1:3], (k, k), (s, s), padding)
+        padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+        return conv2d(x, kernel, (s, s), padding) + bias
 
 
 def make_conv(
@@ -116,8 +341,8 @@ def make_conv(
     strides: int = 1,
     padding: Any = "SAME",
     kernel_init: Any = default_init,
-) -> nn.Conv:
-    """A square NHWC convolution computing in ``dtype`` with float32 parameters.
+) -> Conv:
+    """A square NHWC :class:`Conv` computing in ``dtype`` with float32 parameters.
 
     Args:
       features: output channels.
@@ -128,16 +353,7 @@ def make_conv(
       padding: ``"SAME"`` or explicit ``((top, bottom), (left, right))``.
       kernel_init: kernel initialiser (DDPM's fan-avg uniform by default; zeros for last layers).
     """
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=(strides, strides),
-        padding=padding,
-        kernel_init=kernel_init,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        name=name,
-    )
+    return Conv(features, kernel, strides, padding, kernel_init, dtype, name=name)
 
 
 def make_dense(
@@ -201,7 +417,7 @@ class ResBlock(nn.Module):
                 f"got {self.conditioning!r}"
             )
         out_ch = self.out_ch or x.shape[-1]
-        h = nn.swish(GroupNorm(self.num_groups, dtype=self.dtype, name="norm1")(x))
+        h = GroupNorm(self.num_groups, swish=True, dtype=self.dtype, name="norm1")(x)
         h = make_conv(out_ch, "conv1", self.dtype)(h)
         emb_ch = 2 * out_ch if self.conditioning == "scale_shift" else out_ch
         emb = make_dense(emb_ch, "temb_proj", self.dtype)(nn.swish(temb))[:, None, None, :]
@@ -210,7 +426,7 @@ class ResBlock(nn.Module):
             h = GroupNorm(self.num_groups, dtype=self.dtype, name="norm2")(h)
             h = nn.swish(h * (1 + scale) + shift)
         else:
-            h = nn.swish(GroupNorm(self.num_groups, dtype=self.dtype, name="norm2")(h + emb))
+            h = GroupNorm(self.num_groups, swish=True, dtype=self.dtype, name="norm2")(h + emb)
         if self.dropout > 0:
             h = nn.Dropout(self.dropout)(h, deterministic=not train)
         h = make_conv(out_ch, "conv2", self.dtype, kernel_init=zeros_init)(h)
@@ -364,8 +580,55 @@ class Downsample(nn.Module):
         return conv(x)
 
 
+def upsample_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``conv3x3_same(nearest_upsample_2x(x), kernel)`` computed at the input resolution.
+
+    Output pixel ``(2i + a, 2j + b)`` of the upsampled image sees only 2 x 2 distinct input
+    pixels through the 3 x 3 kernel, so each of the four phases ``(a, b)`` is a 2 x 2
+    convolution of ``x`` with summed kernel taps: 4/9 of the multiply-adds of convolving the
+    upsampled image, and no upsampled copy of ``x``. Equal to the direct form up to float
+    rounding.
+
+    Args:
+      x: [B, H, W, C_in].
+      kernel: [3, 3, C_in, C_out].
+
+    Returns:
+      [B, 2H, 2W, C_out].
+    """
+    # taps[a][p, u]: which of the 3 kernel rows act on input row i - 1 + a + p for output phase a.
+    taps = jnp.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], kernel.dtype)
+    rows = []
+    for a in (0, 1):
+        cols = []
+        for b in (0, 1):
+            k = jnp.einsum("pu,qv,uvio->pqio", taps[a], taps[b], kernel)
+            cols.append(conv2d(x, k, (1, 1), ((1 - a, a), (1 - b, b))))
+        rows.append(jnp.stack(cols, axis=3))  # [B, H, W, 2 (b), C_out]
+    y = jnp.stack(rows, axis=2)  # [B, H, 2 (a), W, 2 (b), C_out]
+    bsz, h, _, w, _, c = y.shape
+    return y.reshape(bsz, 2 * h, 2 * w, c)
+
+
+class _UpsampleConv(nn.Module):
+    """The 3x3 convolution of :class:`Upsample` (parameters as :class:`Conv`), applied through
+    :func:`upsample_conv`."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", default_init, (3, 3, x.shape[-1], self.features))
+        bias = self.param("bias", zeros_init, (self.features,))
+        x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
+        return upsample_conv(x, kernel) + bias
+
+
 class Upsample(nn.Module):
     """Doubles H and W by nearest-neighbour repetition followed by a 3x3 convolution.
+
+    Computed without forming the upsampled image (:func:`upsample_conv`).
 
     Attributes:
       dtype: compute dtype.
@@ -381,6 +644,4 @@ class Upsample(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        b, h, w, c = x.shape
-        x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
-        return make_conv(c, "conv", self.dtype)(x.reshape(b, 2 * h, 2 * w, c))
+        return _UpsampleConv(x.shape[-1], self.dtype, name="conv")(x)

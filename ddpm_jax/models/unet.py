@@ -246,7 +246,7 @@ class UNet(nn.Module):
                 h = Upsample(self.dtype, name=f"up_{i}_upsample")(h)
         assert not hs, "every skip connection is consumed"
 
-        h = nn.swish(GroupNorm(self.num_groups, dtype=self.dtype, name="norm_out")(h))
+        h = GroupNorm(self.num_groups, swish=True, dtype=self.dtype, name="norm_out")(h)
         h = make_conv(out_channels, "conv_out", self.dtype, kernel_init=nn.initializers.zeros)(h)
         return h.astype(jnp.float32)
 
