@@ -71,6 +71,7 @@ MODELS = {
     "cifar10": (dict(CIFAR10_DDPM), 32),
 }
 MODES = ("scan", "loop")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # compute dtype; params stay float32
 # --tiny is a smoke run: compile time dominates, so ask XLA for cheap code generation.
 TINY_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
 # --cpu-convolutions=eigen: XLA's CPU backend (jaxlib 0.10) hands convolutions to YNNPACK by
@@ -310,48 +311,108 @@ def forward_flops(model: UNet, params, batch: int, size: int) -> float:
     return jaxpr_matmul_flops(jaxpr.jaxpr)
 
 
+def unet_forward_flops(kwargs: dict, size: int, batch: int, in_channels: int = 3) -> float:
+    """Nominal FLOPs (2 x multiply-adds) of one UNet forward pass: every convolution, dense layer
+    and attention product of the DDPM architecture in its textbook form (3x3 convolution of the
+    upsampled image, separate q / k / v), counted from the configuration alone.
+
+    Args:
+      kwargs: UNet keyword arguments (``ch``, ``ch_mult``, ``num_res_blocks``,
+        ``attn_resolutions``); no class or text conditioning.
+      size: image height = width.
+      batch: B.
+      in_channels: image channels (output channels are the same).
+    """
+    ch, mult = kwargs["ch"], tuple(kwargs["ch_mult"])
+    nres, attn_res = kwargs["num_res_blocks"], tuple(kwargs["attn_resolutions"])
+    temb = 4 * ch
+
+    def conv(res, cin, cout, k=3):
+        return 2.0 * batch * res * res * k * k * cin * cout
+
+    def res_block(res, cin, cout):
+        f = conv(res, cin, cout) + conv(res, cout, cout) + 2.0 * batch * temb * cout
+        return f + (conv(res, cin, cout, k=1) if cin != cout else 0.0)
+
+    def attn(res, c):
+        tokens = res * res
+        return 4 * 2.0 * batch * tokens * c * c + 2 * 2.0 * batch * tokens * tokens * c
+
+    total = 2.0 * batch * (ch * temb + temb * temb) + conv(size, in_channels, ch)
+    skips, res, c = [ch], size, ch
+    for i, m in enumerate(mult):
+        for _ in range(nres):
+            total += res_block(res, c, ch * m)
+            c = ch * m
+            total += attn(res, c) if res in attn_res else 0.0
+            skips.append(c)
+        if i != len(mult) - 1:
+            total += conv(res // 2, c, c)  # stride 2: output resolution res / 2
+            res //= 2
+            skips.append(c)
+    total += 2 * res_block(res, c, c) + attn(res, c)
+    for i in reversed(range(len(mult))):
+        for _ in range(nres + 1):
+            total += res_block(res, c + skips.pop(), ch * mult[i])
+            c = ch * mult[i]
+            total += attn(res, c) if res in attn_res else 0.0
+        if i != 0:
+            res *= 2
+            total += conv(res, c, c)  # after nearest-neighbour upsampling
+    return total + conv(size, ch, in_channels)
+
+
 def bench_train(args) -> list[dict]:
-    """Training throughput of the engine's step (see the module docstring)."""
-    model, size = _model(args.model)
-    k, batch = args.steps_per_call, args.batch
-    fn, state, data, params = make_train_fn(model, size, batch, k)
-    compiled, compile_s = compile_timed(fn, state, data)
-    holder = {"state": state}
+    """Training throughput of the engine's step for each ``--steps-per-call`` (see the module
+    docstring)."""
+    model, size = _model(args.model, dtype=DTYPES[args.dtype])
+    batch = args.batch
+    rows = []
+    for k in args.steps_per_call:
+        fn, state, data, params = make_train_fn(model, size, batch, k)
+        compiled, compile_s = compile_timed(fn, state, data)
+        holder = {"state": state}
 
-    def call():
-        holder["state"], metrics = compiled(holder["state"], data)
-        return holder["state"], metrics
+        def call(compiled=compiled, holder=holder, data=data):
+            holder["state"], metrics = compiled(holder["state"], data)
+            return holder["state"], metrics
 
-    times = time_calls(call, args.train_warmup, args.train_repeats)
-    step_s = statistics.median(times) / k
-    flops = xla_flops(compiled)
-    flops = None if flops is None else flops / k
-    analytic = 3.0 * forward_flops(model, params, batch, size)
-    n_params = sum(int(p.size) for p in jax.tree.leaves(params))
-    mem = memory_bytes(compiled)
-    return [
-        dict(
-            model=args.model,
-            params_M=n_params / 1e6,
-            batch=batch,
-            steps_per_call=k,
-            compile_s=compile_s,
-            step_s=step_s,
-            step_s_min=min(times) / k,
-            images_per_s=batch / step_s,
-            gflop_per_step=None if flops is None else flops / 1e9,
-            analytic_gflop_per_step=analytic / 1e9,
-            gflop_per_s=None if flops is None else flops / step_s / 1e9,
-            step_memory_mb=None if mem is None else mem / 2**20,
-            process_peak_rss_mb=peak_rss_mb(),
+        warmup = args.train_warmup if k == 1 else 1
+        repeats = args.train_repeats if k == 1 else max(2, args.train_repeats // 2)
+        times = time_calls(call, warmup, repeats)
+        del holder
+        step_s = statistics.median(times) / k
+        flops = xla_flops(compiled)  # counts the scan's body once: FLOPs of one step
+        model_flops = 3.0 * unet_forward_flops(MODELS[args.model][0], size, batch)
+        impl_flops = 3.0 * forward_flops(model, params, batch, size)
+        mem = memory_bytes(compiled)
+        rows.append(
+            dict(
+                model=args.model,
+                dtype=args.dtype,
+                params_M=sum(int(p.size) for p in jax.tree.leaves(params)) / 1e6,
+                batch=batch,
+                steps_per_call=k,
+                compile_s=compile_s,
+                step_s=step_s,
+                step_s_min=min(times) / k,
+                images_per_s=batch / step_s,
+                gflop_per_step=None if flops is None else flops / 1e9,
+                model_gflop_per_step=model_flops / 1e9,
+                impl_gflop_per_step=impl_flops / 1e9,
+                gflop_per_s=None if flops is None else flops / step_s / 1e9,
+                model_gflop_per_s=model_flops / step_s / 1e9,
+                step_memory_mb=None if mem is None else mem / 2**20,
+                process_peak_rss_mb=peak_rss_mb(),
+            )
         )
-    ]
+    return rows
 
 
 TRAIN_COLUMNS = (
-    "model", "params_M", "batch", "steps_per_call", "compile_s", "step_s", "images_per_s",
-    "gflop_per_step", "analytic_gflop_per_step", "gflop_per_s", "flops_utilization",
-    "step_memory_mb", "process_peak_rss_mb",
+    "model", "dtype", "batch", "steps_per_call", "compile_s", "step_s", "images_per_s",
+    "gflop_per_step", "model_gflop_per_step", "impl_gflop_per_step", "gflop_per_s",
+    "flops_utilization", "model_flops_utilization", "step_memory_mb", "process_peak_rss_mb",
 )  # fmt: skip
 
 
@@ -393,7 +454,7 @@ def _sampler_runners(model, params, schedule, shape, method, num_steps, finish_f
 def bench_sampling(args) -> list[dict]:
     """Sampler throughput per method and mode (see the module docstring)."""
     schedule = schedules.linear(1000)
-    model, size = _model(args.model, dropout=0.0)
+    model, size = _model(args.model, dropout=0.0, dtype=DTYPES[args.dtype])
     params = random_params(model, size)
     n_params = sum(int(p.size) for p in jax.tree.leaves(params))
     batch, num_steps = args.sample_batch, args.num_steps
@@ -419,6 +480,7 @@ def bench_sampling(args) -> list[dict]:
             best = statistics.median(times)
             by_mode[mode] = dict(
                 model=args.model,
+                dtype=args.dtype,
                 params_M=n_params / 1e6,
                 method=method,
                 mode=mode,
@@ -438,7 +500,7 @@ def bench_sampling(args) -> list[dict]:
 
 
 SAMPLING_COLUMNS = (
-    "model", "params_M", "method", "mode", "batch", "num_steps", "nfe", "compile_s", "time_s",
+    "model", "dtype", "method", "mode", "batch", "num_steps", "nfe", "compile_s", "time_s",
     "images_per_s", "calls_per_s", "ms_per_call", "scan_speedup",
 )  # fmt: skip
 
@@ -503,15 +565,27 @@ def summarize(results: dict[str, list[dict]]) -> dict:
     if results.get("matmul"):
         out["matmul_peak_gflop_per_s"] = max(r["gflop_per_s"] for r in results["matmul"])
     if results.get("train"):
-        row = results["train"][0]
+        peak = out.get("matmul_peak_gflop_per_s")
+        for row in results["train"]:
+            if peak:
+                row["model_flops_utilization"] = row["model_gflop_per_s"] / peak
+                if row["gflop_per_s"]:
+                    row["flops_utilization"] = row["gflop_per_s"] / peak
+        row = max(results["train"], key=lambda r: r["images_per_s"])  # the headline
         out["train_images_per_sec"] = row["images_per_s"]
+        out["train_steps_per_call"] = row["steps_per_call"]
+        out["train_images_per_sec_by_steps_per_call"] = {
+            str(r["steps_per_call"]): r["images_per_s"] for r in results["train"]
+        }
         out["train_step_s"] = row["step_s"]
         out["train_compile_s"] = row["compile_s"]
         out["train_gflop_per_s"] = row["gflop_per_s"]
+        out["train_model_gflop_per_step"] = row["model_gflop_per_step"]
         out["train_step_memory_mb"] = row["step_memory_mb"]
-        if row["gflop_per_s"] and "matmul_peak_gflop_per_s" in out:
-            row["flops_utilization"] = row["gflop_per_s"] / out["matmul_peak_gflop_per_s"]
+        if "flops_utilization" in row:
             out["train_flops_utilization"] = row["flops_utilization"]
+        if "model_flops_utilization" in row:
+            out["train_model_flops_utilization"] = row["model_flops_utilization"]
     scan_rows = [r for r in results.get("sampling", []) if r["mode"] == "scan"]
     if scan_rows:
         ddim = [r for r in scan_rows if r["method"] == "ddim"]
@@ -525,6 +599,10 @@ def summarize(results: dict[str, list[dict]]) -> dict:
         out["torch_sample_images_per_sec"] = torch_rows[1]["images_per_s"]
         if "train_images_per_sec" in out:
             out["train_speedup"] = out["train_images_per_sec"] / out["torch_train_images_per_sec"]
+            out["train_speedup_by_steps_per_call"] = {
+                k: v / out["torch_train_images_per_sec"]
+                for k, v in out["train_images_per_sec_by_steps_per_call"].items()
+            }
         ddim = [r for r in scan_rows if r["method"] == "ddim"]
         if ddim:
             out["sample_speedup"] = ddim[0]["images_per_s"] / out["torch_sample_images_per_sec"]
@@ -563,7 +641,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sections", type=_csv(tuple(SECTIONS), "--sections"), default=list(SECTIONS))
     p.add_argument("--model", choices=tuple(MODELS), default="cifar10")
     p.add_argument("--batch", type=_positive_int, default=16, help="training batch")
-    p.add_argument("--steps-per-call", type=_positive_int, default=1, help="steps scanned per call")
+    p.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default="float32",
+        help="UNet compute dtype (bfloat16 for accelerators; the PyTorch baseline is float32)",
+    )
+    p.add_argument(
+        "--steps-per-call",
+        type=_int_list,
+        default=[1, 8],
+        help="training steps scanned per compiled call, one measurement each (comma list)",
+    )
     p.add_argument("--train-warmup", type=_positive_int, default=2, help="untimed calls")
     p.add_argument("--train-repeats", type=_positive_int, default=5, help="timed calls (median)")
     p.add_argument("--sample-batch", type=_positive_int, default=16)
@@ -591,6 +680,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.tiny:
         args.model, args.batch, args.sample_batch, args.num_steps = "tiny", 2, 2, 3
+        args.steps_per_call = [1, 2]
         args.train_warmup, args.train_repeats, args.repeats = 1, 1, 1
         args.matmul_sizes, args.matmul_repeats = [256], 2
     if args.num_steps < 2:

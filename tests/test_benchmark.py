@@ -52,6 +52,7 @@ def test_tiny_benchmark_writes_the_headline_figures(tiny_run):
         "train_images_per_sec",
         "sample_images_per_sec",
         "train_flops_utilization",
+        "train_model_flops_utilization",
         "matmul_peak_gflop_per_s",
         "train_gflop_per_s",
         "train_compile_s",
@@ -78,10 +79,30 @@ def test_tiny_benchmark_writes_the_headline_figures(tiny_run):
     if HAS_TORCH:
         ratio = result["train_images_per_sec"] / result["torch_train_images_per_sec"]
         assert result["train_speedup"] == pytest.approx(ratio)
-    row = result["sections"]["train"][0]
-    assert row["flops_utilization"] == pytest.approx(
-        row["gflop_per_s"] / result["matmul_peak_gflop_per_s"]
-    )
+    rows = result["sections"]["train"]
+    assert [r["steps_per_call"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["flops_utilization"] == pytest.approx(
+            row["gflop_per_s"] / result["matmul_peak_gflop_per_s"]
+        )
+        # XLA's count of the compiled step vs 3x the nominal forward FLOPs: same order (XLA
+        # skips padding taps and adds elementwise work; tiny models are elementwise-heavy).
+        assert 0.3 < row["gflop_per_step"] / row["model_gflop_per_step"] < 3
+
+
+def test_nominal_unet_flops_match_the_jaxpr_count():
+    """The closed-form FLOP count of the architecture equals the count of the network's jaxpr,
+    except for the upsampling convolutions, which the network computes with 4/9 of the
+    multiply-adds (layers.upsample_conv)."""
+    for name in ("tiny", "small"):
+        kwargs, size = benchmark.MODELS[name]
+        model = benchmark.UNet(**kwargs)
+        params = benchmark.random_params(model, size)
+        nominal = benchmark.unet_forward_flops(kwargs, size, 3)
+        counted = benchmark.forward_flops(model, params, 3, size)
+        # "small" upsamples twice, 64 channels each: to 16x16 and to 32x32.
+        upsample = 0 if name == "tiny" else 2 * 3 * 9 * (16**2 + 32**2) * 64**2
+        assert counted == pytest.approx(nominal - upsample * (1 - 4 / 9))
 
 
 def test_jaxpr_flop_count_matches_closed_forms():

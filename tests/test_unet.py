@@ -22,11 +22,13 @@ import numpy as np
 import pytest
 
 from ddpm_jax.models.layers import (
+    Dropout,
     GroupNorm,
     ResBlock,
     SpatialTransformer,
     conv2d,
     group_norm,
+    random_bits,
     timestep_embedding,
     upsample_conv,
 )
@@ -442,6 +444,30 @@ def test_dropout_active_only_in_training(class_model):
     np.testing.assert_array_equal(train_a, apply(perturbed, x, t, y, True, 7))
     assert np.abs(train_a - train_b).max() > 1e-4
     assert np.abs(train_a - eval_a).max() > 1e-4
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5, 7), (2, 8, 8, 16)])
+def test_random_bits_equal_jax_random_bits(shape):
+    """The fused threefry gives jax.random.bits bit for bit: typed and raw keys, under jit, and
+    through the fallback for other key implementations."""
+    for key in (jax.random.key(11), jax.random.PRNGKey(3), jax.random.key(5, impl="rbg")):
+        expected = jax.random.bits(key, shape)
+        np.testing.assert_array_equal(random_bits(key, shape), expected)
+        np.testing.assert_array_equal(jax.jit(random_bits, static_argnums=1)(key, shape), expected)
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_dropout_equals_flax_dropout(rate):
+    """Same masks and values as flax.linen.Dropout given the same 'dropout' rng (so training
+    results are unchanged), identity when deterministic, and about ``rate`` of zeros."""
+    x = jax.random.normal(jax.random.key(0), (4, 16, 16, 32))
+    for seed in (0, 1):
+        rngs = {"dropout": jax.random.key(seed)}
+        ours = Dropout(rate).apply({}, x, deterministic=False, rngs=rngs)
+        ref = nn.Dropout(rate).apply({}, x, deterministic=False, rngs=rngs)
+        np.testing.assert_array_equal(ours, ref)
+        assert abs(float(jnp.mean(ours == 0)) - rate) < 0.02
+    np.testing.assert_array_equal(Dropout(rate).apply({}, x, deterministic=True), x)
 
 
 def test_context_changes_output_and_uses_cross_attention(context_model):
