@@ -48,7 +48,7 @@ from ddpm_jax import data, guidance, images, samplers, schedules
 from ddpm_jax import state as state_lib
 from ddpm_jax.checkpoint import Checkpointer, PreemptionGuard
 from ddpm_jax.models.unet import UNet
-from ddpm_jax.parallel import AXIS, DataParallel
+from ddpm_jax.parallel import AXIS, DataParallel, compiler_options
 
 # fold_in tags of the root key, far above any step index s of fold_in(key(seed), s).
 _INIT_TAG, _GRID_TAG, _FINAL_TAG = 2_000_000_001, 2_000_000_002, 2_000_000_003
@@ -229,7 +229,11 @@ class Sampler:
                 )
                 return x if self.decode_fn is None else self.decode_fn(x)
 
-            self._fns[batch] = jax.jit(generate, out_shardings=self.sharding)
+            self._fns[batch] = jax.jit(
+                generate,
+                out_shardings=self.sharding,
+                compiler_options=compiler_options(self.dp.devices),
+            )
         return self._fns[batch]
 
     def __call__(

@@ -26,7 +26,9 @@ Usage::
     python -m experiments.benchmark --methods ddim --sections matmul,train,sampling,torch
     python -m experiments.benchmark --tiny                # smoke run of every section
 
-Weights are random (throughput does not depend on their values). ``--tiny`` also lowers XLA's
+Every program is compiled as the engine compiles it (``ddpm_jax.parallel.compiler_options``: on CPU,
+convolutions by Eigen rather than YNNPACK). Weights are random (throughput does not depend on
+their values). ``--tiny`` also lowers XLA's
 code-generation effort, so its figures only show that everything runs.
 """
 
@@ -55,7 +57,7 @@ from jax.extend import core as jex_core
 from ddpm_jax import samplers, schedules
 from ddpm_jax import state as state_lib
 from ddpm_jax.models.unet import CIFAR10_DDPM, UNet
-from ddpm_jax.parallel import DataParallel, make_mesh
+from ddpm_jax.parallel import DataParallel, compiler_options, make_mesh
 
 # name -> (UNet keyword arguments, image size). "cifar10" is Ho et al.'s 35.7M-parameter model
 # (dropout 0.1 in training, as in the paper; sampling never uses dropout).
@@ -74,9 +76,6 @@ MODES = ("scan", "loop")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # compute dtype; params stay float32
 # --tiny is a smoke run: compile time dominates, so ask XLA for cheap code generation.
 TINY_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
-# --cpu-convolutions=eigen: XLA's CPU backend (jaxlib 0.10) hands convolutions to YNNPACK by
-# default; its Eigen convolutions are faster on this model, weight gradients above all.
-EIGEN_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -94,12 +93,10 @@ def random_params(model: UNet, image_size: int, seed: int = 0):
     )
 
 
-def xla_flag_supported(flag: str) -> bool:
-    """Whether this jaxlib accepts ``flag`` (an unknown XLA flag aborts the process, so the
-    check runs in a subprocess)."""
-    env = dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu")
-    probe = [sys.executable, "-c", "import jax; jax.devices()"]
-    return subprocess.run(probe, env=env, capture_output=True).returncode == 0
+def jit(fn, **kwargs):
+    """``jax.jit`` with the XLA options the training engine compiles with
+    (``ddpm_jax.parallel.compiler_options``: on CPU, Eigen convolutions)."""
+    return jax.jit(fn, compiler_options=compiler_options(), **kwargs)
 
 
 def add_xla_flags(*flags: str) -> None:
@@ -227,6 +224,18 @@ def print_table(title: str, rows: Sequence[dict], columns: Sequence[str], file=s
     file.flush()
 
 
+def _cpu_model() -> str:
+    """The host CPU's model name (Linux), else the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def device_info() -> dict:
     dev = jax.devices()[0]
     info = dict(
@@ -238,6 +247,8 @@ def device_info() -> dict:
         python=platform.python_version(),
         machine=platform.machine(),
         xla_flags=os.environ.get("XLA_FLAGS", ""),
+        compiler_options=compiler_options(),
+        cpu_model=_cpu_model(),
     )
     try:
         info["load_average"] = os.getloadavg()
@@ -256,7 +267,7 @@ def bench_matmul(args) -> list[dict]:
     for n in args.matmul_sizes:
         a = jnp.asarray(rng.standard_normal((n, n), np.float32))
         b = jnp.asarray(rng.standard_normal((n, n), np.float32))
-        compiled, _ = compile_timed(jax.jit(jnp.dot), a, b)
+        compiled, _ = compile_timed(jit(jnp.dot), a, b)
         times = time_calls(lambda c=compiled, a=a, b=b: c(a, b), 1, args.matmul_repeats)
         best = min(times)
         rows.append(dict(n=n, time_ms=1e3 * best, gflop_per_s=2 * n**3 / best / 1e9))
@@ -432,10 +443,10 @@ def _sampler_runners(model, params, schedule, shape, method, num_steps, finish_f
     def scan_run(p, sched, k):
         return samplers.sample(model_fn_of(p), sched, k, shape, **kw)
 
-    plan_fn = jax.jit(
+    plan_fn = jit(
         lambda sched, k: samplers.plan(sched, k, shape, method=method, num_steps=num_steps)
     )
-    step_fn = jax.jit(
+    step_fn = jit(
         lambda p, sched, carry, xs_i: samplers.step(
             model_fn_of(p), sched, carry, xs_i, method=method, clip_x0=1.0
         )[0]
@@ -448,7 +459,7 @@ def _sampler_runners(model, params, schedule, shape, method, num_steps, finish_f
             carry = step_fn(params, schedule, carry, {k: v[i] for k, v in xs.items()})
         return finish_fn(params, schedule, carry)
 
-    return {"scan": (jax.jit(scan_run), (params, schedule, key)), "loop": (None, loop_run)}
+    return {"scan": (jit(scan_run), (params, schedule, key)), "loop": (None, loop_run)}
 
 
 def bench_sampling(args) -> list[dict]:
@@ -459,7 +470,7 @@ def bench_sampling(args) -> list[dict]:
     n_params = sum(int(p.size) for p in jax.tree.leaves(params))
     batch, num_steps = args.sample_batch, args.num_steps
     shape = (batch, size, size, 3)
-    finish_fn = jax.jit(  # method-independent: compiled once
+    finish_fn = jit(  # method-independent: compiled once
         lambda p, sched, carry: samplers.finish(_model_fn_of(model, p), sched, carry, clip_x0=1.0)
     )
     rows = []
@@ -650,7 +661,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--steps-per-call",
         type=_int_list,
-        default=[1, 8],
+        default=[1, 10],
         help="training steps scanned per compiled call, one measurement each (comma list)",
     )
     p.add_argument("--train-warmup", type=_positive_int, default=2, help="untimed calls")
@@ -664,13 +675,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=_positive_int, default=1, help="timed sampling calls")
     p.add_argument("--matmul-sizes", type=_int_list, default=[2048, 4096])
     p.add_argument("--matmul-repeats", type=_positive_int, default=5)
-    p.add_argument(
-        "--cpu-convolutions",
-        choices=("eigen", "default"),
-        default="eigen",
-        help="eigen: run XLA's CPU convolutions with Eigen instead of YNNPACK (if this jaxlib "
-        f"has the flag {EIGEN_CONV_FLAG}); default: leave XLA's choice",
-    )
     p.add_argument(
         "--tiny",
         action="store_true",
@@ -693,15 +697,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # XLA flags are read when the backend starts, so only before any computation.
     if args.tiny:  # compile fast
         add_xla_flags(*TINY_XLA_FLAGS)
-    if args.cpu_convolutions == "eigen" and EIGEN_CONV_FLAG not in os.environ.get("XLA_FLAGS", ""):
-        if xla_flag_supported(EIGEN_CONV_FLAG):
-            add_xla_flags(EIGEN_CONV_FLAG)
-        else:
-            print(f"this jaxlib has no {EIGEN_CONV_FLAG}: XLA's default convolutions", flush=True)
     info = device_info()
     print(
         f"devices: {info['device_count']} x {info['device_kind']} ({info['platform']}), "
-        f"{info['threads']} threads, jax {info['jax_version']}, XLA_FLAGS={info['xla_flags']!r}",
+        f"{info['threads']} threads ({info['cpu_model']}), jax {info['jax_version']}, "
+        f"XLA_FLAGS={info['xla_flags']!r}, compiler options {info['compiler_options']}",
         flush=True,
     )
     results = {}

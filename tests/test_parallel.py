@@ -156,3 +156,34 @@ def test_batch_layout_and_donation(kind):
 def test_unknown_kind_is_rejected():
     with pytest.raises(ValueError, match="parallel='vmap'.*shard_map"):
         parallel.DataParallel("vmap")
+
+
+def test_cpu_compiler_options_move_convolutions_to_eigen_without_changing_results():
+    """On CPU the engine compiles with options that leave convolutions to Eigen (not YNNPACK);
+    the wrapped step carries them and computes the same function."""
+    options = parallel.compiler_options()
+    if options is None:
+        pytest.skip("this XLA has no YNNPACK fusion option")
+    x = jax.random.normal(jax.random.key(0), (4, 16, 16, 32))
+    k = jax.random.normal(jax.random.key(1), (3, 3, 32, 32))
+
+    def conv(x, k):
+        return jax.lax.conv_general_dilated(
+            x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    default = jax.jit(conv).lower(x, k).compile()
+    eigen = jax.jit(conv, compiler_options=options).lower(x, k).compile()
+    assert "__ynn_fusion" in default.as_text()  # XLA's default: a YNNPACK convolution
+    assert "__ynn_fusion" not in eigen.as_text()
+    np.testing.assert_allclose(eigen(x, k), default(x, k), rtol=1e-5, atol=1e-4)
+
+
+def test_wrapped_step_is_compiled_with_the_compiler_options(monkeypatch):
+    """DataParallel.wrap hands parallel.compiler_options to XLA (an invalid value is rejected)."""
+    bad = {"xla_cpu_experimental_ynn_fusion_type": "NOT_A_FUSION_TYPE"}
+    monkeypatch.setattr(parallel, "compiler_options", lambda devices=None: bad)
+    dp = parallel.DataParallel("shard_map", parallel.make_mesh(jax.devices()[:1]))
+    state = dp.from_replicated(dp.replicate_host(_initial_state()))
+    with pytest.raises(Exception, match="NOT_A_FUSION_TYPE"):
+        dp.wrap(STEP_FN).lower(state, dp.shard_batch(_batches(1))).compile()
