@@ -52,7 +52,7 @@ def test_tiny_benchmark_writes_the_headline_figures(tiny_run):
         "train_images_per_sec",
         "sample_images_per_sec",
         "train_flops_utilization",
-        "train_model_flops_utilization",
+        "train_xla_flops_utilization",
         "matmul_peak_gflop_per_s",
         "train_gflop_per_s",
         "train_compile_s",
@@ -82,9 +82,11 @@ def test_tiny_benchmark_writes_the_headline_figures(tiny_run):
     rows = result["sections"]["train"]
     assert [r["steps_per_call"] for r in rows] == [1, 2]
     for row in rows:
+        peak = result["matmul_peak_gflop_per_s"]
         assert row["flops_utilization"] == pytest.approx(
-            row["gflop_per_s"] / result["matmul_peak_gflop_per_s"]
+            row["model_gflop_per_step"] / row["step_s"] / peak
         )
+        assert row["xla_flops_utilization"] == pytest.approx(row["gflop_per_s"] / peak)
         # XLA's count of the compiled step vs 3x the nominal forward FLOPs: same order (XLA
         # skips padding taps and adds elementwise work; tiny models are elementwise-heavy).
         assert 0.3 < row["gflop_per_step"] / row["model_gflop_per_step"] < 3
