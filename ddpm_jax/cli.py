@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import ml_collections
 from absl import flags
@@ -118,12 +119,23 @@ def initialize_distributed(
         jax.distributed.initialize()
 
 
-def main(get_config: Callable[[], ml_collections.ConfigDict], argv: Sequence[str] | None = None):
+def main(
+    get_config: Callable[[], ml_collections.ConfigDict],
+    argv: Sequence[str] | None = None,
+    *,
+    run_fn: Callable[[ml_collections.ConfigDict, str], Any] | None = None,
+    validate_fn: Callable[[ml_collections.ConfigDict], None] | None = None,
+):
     """Parses flags, initializes multi-process JAX if needed, validates and trains.
 
     Args:
       get_config: the experiment's ``get_config()`` (a ConfigDict from ``default_config()``).
       argv: command line including the program name (default ``sys.argv``).
+      run_fn: ``run_fn(config, workdir)`` runs the experiment (default ``ddpm_jax.train.run``);
+        it reports a user's mistake by raising ``train.ConfigError`` or
+        ``data.DataUnavailableError``.
+      validate_fn: ``validate_fn(config)`` checks the experiment's own fields after
+        ``config.validate``, raising ValueError.
 
     Exits the process: 0 on success or preemption, 1 on a non-finite loss, 2 on bad input.
     """
@@ -149,6 +161,8 @@ def main(get_config: Callable[[], ml_collections.ConfigDict], argv: Sequence[str
     try:
         config_lib.check_workdir(fv.workdir)
         config_lib.validate(config)  # without devices first: no JAX backend needed yet
+        if validate_fn is not None:
+            validate_fn(config)
         initialize_distributed(
             fv.coordinator_address, fv.num_processes, fv.process_id, fv.distributed
         )
@@ -156,7 +170,7 @@ def main(get_config: Callable[[], ml_collections.ConfigDict], argv: Sequence[str
         _fail(str(e))
     # Any other exception is a bug, not a user's mistake: it keeps its traceback.
     try:
-        return train.run(config, fv.workdir)
+        return (train.run if run_fn is None else run_fn)(config, fv.workdir)
     except (train.ConfigError, data.DataUnavailableError) as e:
         _fail(str(e))
     except train.NonFiniteLossError as e:

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from ddpm_jax import config as config_lib
-from ddpm_jax import data, latent
+from ddpm_jax import data, latent_pipeline
 
 CLASSES = (
     ("airplane", "plane"),
@@ -46,7 +46,7 @@ HELDOUT_TEMPLATES = ("a photo of the {}",)
 def get_config() -> ml_collections.ConfigDict:
     c = config_lib.default_config()
     c.data.name = "cifar10"
-    c.latent = latent.latent_config()
+    c.latent = latent_pipeline.latent_config()
     c.latent.image_size = 32
     c.latent.vae_block_out_channels = (64, 128, 128)
     c.latent.vae_layers_per_block = 2
@@ -72,7 +72,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.diffusion.schedule = "linear"
     c.diffusion.num_timesteps = 1000
-    c.diffusion.prediction = "eps"
+    # v: x0 = alpha x - sigma v stays bounded where alpha is small; with eps, DPM-Solver++'s
+    # first steps (alpha_bar down to 4e-5 here) amplify eps errors by 1 / alpha (up to 158) and
+    # nothing clips latents (see experiments/latent_digits.py, where eps failed this way).
+    c.diffusion.prediction = "v"
 
     c.train.num_steps = 200_000
     c.train.batch_size = 256
@@ -119,15 +122,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     labels = np.asarray([e["label"] for e in examples], np.int32)
     log(f"loaded {n} training images {images.shape[1:]}")
     prompts, prompt_class = prompts_for(TEMPLATES)
-    lr = latent.train_latent(config, workdir, images, labels, prompts, prompt_class, log=log)
+    lr = latent_pipeline.train_latent(
+        config, workdir, images, labels, prompts, prompt_class, log=log
+    )
     heldout, _ = prompts_for(HELDOUT_TEMPLATES)
-    samples = latent.sample_prompt_images(lr, config, prompts + heldout)
-    path = latent.write_prompt_outputs(workdir, prompts + heldout, samples, prompt_class)
+    samples = latent_pipeline.sample_prompt_images(lr, config, prompts + heldout)
+    path = latent_pipeline.write_prompt_outputs(workdir, prompts + heldout, samples, prompt_class)
     log(f"wrote {workdir}/prompts/*.png and {path}")
 
 
 def main(argv=None) -> None:
-    latent.main(get_config, run, sys.argv if argv is None else argv)
+    latent_pipeline.main(get_config, run, sys.argv if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -153,6 +153,7 @@ def tiny_cifar_config():
     c.train.log_every = 1
     c.train.checkpoint_every = 2
     c.train.sample_every = 2
+    c.train.steps_per_call = 1  # events at every step (the recipe scans 10 per call)
     c.sample.grid_size = 2
     c.sample.num_samples = 8
     c.sample.num_steps = 2
