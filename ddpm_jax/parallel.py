@@ -8,6 +8,7 @@ run it on every device of the job:
   the batch is sharded on ``"data"``, the state is replicated (``NamedSharding(mesh, P())``).
   This is what ``jax.pmap`` itself became in JAX 0.8.
 - ``"pmap"``: ``jax.pmap`` over the same devices; the state carries a leading device axis.
+  ``jax.pmap`` takes no compiler options, so on CPU it misses :func:`compiler_options`.
 
 Both donate the state and scan ``k`` steps per call (``batch`` leaves have a leading ``[k]``
 axis), which amortises dispatch as in score_sde. In both, the canonical form of a state
