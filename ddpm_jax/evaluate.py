@@ -119,21 +119,9 @@ def split_images(config, split: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         x, y = data.digits_arrays(split)
         yield x, y
         return
-    ds = data.make_dataset(
-        d.name,
-        split=split,
-        global_batch_size=_REFERENCE_BATCH,
-        seed=0,
-        data_dir=d.data_dir,
-        manual_dir=d.manual_dir,
-        random_flip=False,
-        image_size=d.image_size,
-        process_index=0,
-        process_count=1,
-    )
-    batch = min(_REFERENCE_BATCH, ds.num_examples)
-    if batch != _REFERENCE_BATCH:
-        ds = data.make_dataset(
+
+    def make(batch: int):
+        return data.make_dataset(
             d.name,
             split=split,
             global_batch_size=batch,
@@ -145,6 +133,11 @@ def split_images(config, split: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
             process_index=0,
             process_count=1,
         )
+
+    ds = make(_REFERENCE_BATCH)
+    batch = min(_REFERENCE_BATCH, ds.num_examples)
+    if batch != _REFERENCE_BATCH:
+        ds = make(batch)
     for step in range(ds.num_examples // batch):  # one epoch (the remainder is dropped)
         b = ds.batch(step)
         yield images.to_uint8(b["image"]), b["label"]

@@ -260,3 +260,15 @@ def test_experiment_cli_rejects_bad_flags_with_one_line(tmp_path, capsys, flag, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and field in err[0]
     assert not workdir.exists()
+
+
+def test_reference_images_of_a_tfds_dataset_are_one_epoch(mock_tfds):
+    """evaluate.split_images reads one pass of the split (20 mocked examples, fewer than the
+    reference batch), as uint8 images at the model's size with their labels."""
+    from ddpm_jax import evaluate
+
+    batches = list(evaluate.split_images(tiny_cifar_config(), "train"))
+    images = np.concatenate([x for x, _ in batches])
+    labels = np.concatenate([y for _, y in batches])
+    assert images.shape == (20, 32, 32, 3) and images.dtype == np.uint8
+    assert labels.shape == (20,) and labels.min() >= 0 and labels.max() < 10
