@@ -16,9 +16,13 @@ Flags:
   multi-task SLURM job or a multi-host TPU slice; ``true`` always lets JAX auto-detect the
   cluster; ``false`` never initializes.
 
-A user's mistake (invalid config or flag, missing or unwritable workdir, unavailable dataset) is
-reported as ONE line on stderr with exit code 2, before anything is compiled; a non-finite loss
-exits with code 1; a finished, resumed-and-finished or preempted (SIGTERM) run exits with 0.
+This is the one place where exceptions become exit codes (:func:`guarded`): a user's mistake
+(``ddpm_jax.errors.UsageError``: invalid config or flag, missing or unwritable workdir,
+unavailable dataset or weights) is reported as ONE line on stderr with exit code 2, before
+anything is compiled; a non-finite loss (``NonFiniteLossError``) is one line with exit code 1; any
+other exception is a bug and keeps its traceback (exit code 1). A finished, resumed-and-finished
+or preempted (SIGTERM) run exits with 0. The other commands (``experiments.evaluate``,
+``experiments.sample``) run their work through :func:`guarded` too.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from ddpm_jax.errors import NonFiniteLossError, UsageError
+
 EXIT_USAGE = 2
 EXIT_DIVERGED = 1
 
@@ -43,6 +49,18 @@ def _one_line(message: str) -> str:
 def _fail(message: str, code: int = EXIT_USAGE) -> None:
     print(f"error: {_one_line(message)}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def guarded(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, with a ``UsageError`` turned into one line on stderr and exit
+    code 2, and a ``NonFiniteLossError`` into one line and exit code 1; any other exception
+    propagates with its traceback."""
+    try:
+        return fn(*args, **kwargs)
+    except UsageError as e:
+        _fail(str(e))
+    except NonFiniteLossError as e:
+        _fail(str(e), EXIT_DIVERGED)
 
 
 def _define_flags(config: ml_collections.ConfigDict, argv: Sequence[str]) -> flags.FlagValues:
@@ -94,22 +112,22 @@ def initialize_distributed(
     """Calls ``jax.distributed.initialize`` when the job spans processes (see module docstring).
 
     Raises:
-      ValueError: inconsistent explicit flags.
+      UsageError: inconsistent explicit flags.
     """
     import jax
 
     explicit = (coordinator_address, num_processes, process_id)
     if any(v is not None for v in explicit):
         if coordinator_address is None or num_processes is None or process_id is None:
-            raise ValueError(
+            raise UsageError(
                 "--coordinator_address, --num_processes and --process_id must be given together"
             )
         if num_processes < 1 or not 0 <= process_id < num_processes:
-            raise ValueError(
+            raise UsageError(
                 f"--process_id={process_id} must be in [0, --num_processes={num_processes})"
             )
         if mode == "false":
-            raise ValueError("--distributed=false contradicts --coordinator_address")
+            raise UsageError("--distributed=false contradicts --coordinator_address")
         jax.distributed.initialize(
             coordinator_address=coordinator_address,
             num_processes=num_processes,
@@ -124,7 +142,6 @@ def main(
     argv: Sequence[str] | None = None,
     *,
     run_fn: Callable[[ml_collections.ConfigDict, str], Any] | None = None,
-    validate_fn: Callable[[ml_collections.ConfigDict], None] | None = None,
 ):
     """Parses flags, initializes multi-process JAX if needed, validates and trains.
 
@@ -132,12 +149,10 @@ def main(
       get_config: the experiment's ``get_config()`` (a ConfigDict from ``default_config()``).
       argv: command line including the program name (default ``sys.argv``).
       run_fn: ``run_fn(config, workdir)`` runs the experiment (default ``ddpm_jax.train.run``);
-        it reports a user's mistake by raising ``train.ConfigError`` or
-        ``data.DataUnavailableError``.
-      validate_fn: ``validate_fn(config)`` checks the experiment's own fields after
-        ``config.validate``, raising ValueError.
+        it reports a user's mistake by raising ``UsageError``.
 
-    Exits the process: 0 on success or preemption, 1 on a non-finite loss, 2 on bad input.
+    Exits the process: 0 on success or preemption, 1 on a non-finite loss or a bug, 2 on bad
+    input.
     """
     argv = list(sys.argv if argv is None else argv)
     if "--help" in argv or "-h" in argv:
@@ -153,28 +168,17 @@ def main(
         _fail(f"bad command line: {e}")
     if extra:
         _fail(f"unexpected positional arguments {extra}")
+    return guarded(_run, fv, run_fn)
 
+
+def _run(fv: flags.FlagValues, run_fn) -> Any:
     from ddpm_jax import config as config_lib
-    from ddpm_jax import data, train
+    from ddpm_jax import train, workdir
 
-    config = fv.config
-    try:
-        config_lib.check_workdir(fv.workdir)
-        config_lib.validate(config)  # without devices first: no JAX backend needed yet
-        if validate_fn is not None:
-            validate_fn(config)
-        initialize_distributed(
-            fv.coordinator_address, fv.num_processes, fv.process_id, fv.distributed
-        )
-    except ValueError as e:
-        _fail(str(e))
-    # Any other exception is a bug, not a user's mistake: it keeps its traceback.
-    try:
-        return (train.run if run_fn is None else run_fn)(config, fv.workdir)
-    except (train.ConfigError, data.DataUnavailableError) as e:
-        _fail(str(e))
-    except train.NonFiniteLossError as e:
-        _fail(str(e), EXIT_DIVERGED)
+    workdir.check_workdir(fv.workdir)
+    config_lib.validate(fv.config)  # without devices first: no JAX backend needed yet
+    initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id, fv.distributed)
+    return (train.run if run_fn is None else run_fn)(fv.config, fv.workdir)
 
 
-__all__ = ["cluster_detected", "initialize_distributed", "main"]
+__all__ = ["cluster_detected", "guarded", "initialize_distributed", "main"]

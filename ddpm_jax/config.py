@@ -1,9 +1,10 @@
 """The training configuration: ``default_config()`` and its validation.
 
 Experiments extend :func:`default_config` in their ``get_config()``; :func:`validate` checks every
-field the run loop reads and raises a ``ValueError`` naming the field, the value and what is
-allowed, before anything is compiled. Sections and fields (the defaults are Ho et al. 2020,
-CIFAR-10):
+field the run loop reads and raises a :class:`~ddpm_jax.errors.UsageError` naming the field, the
+value and what is allowed, before anything is compiled. The allowed values come from the modules
+that implement them (``schedules.NAMES``, ``samplers.METHODS``, ...). Sections and fields (the
+defaults are Ho et al. 2020, CIFAR-10):
 
 - ``seed``: root of all randomness (init, data order, timesteps, noise, label dropout, samples).
 - ``parallel``: ``"shard_map"`` (``jax.jit`` of ``jax.shard_map`` over a 1-D mesh) or ``"pmap"``.
@@ -25,23 +26,21 @@ CIFAR-10):
   [-clip_x0, clip_x0]; None: no clipping),
   ``grid_size`` (a ``grid_size``² grid; 0 disables), ``batch_size`` (samples per compiled call,
   rounded up to a multiple of the device count).
+- ``latent`` (latent-diffusion experiments only, :func:`latent_config`): the autoencoder, its
+  training and the text encoder; see :func:`latent_config`.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
 
-PARALLEL_KINDS = ("shard_map", "pmap")
-SCHEDULES = ("linear", "cosine", "sigmoid")
-PREDICTIONS = ("eps", "x0", "v")
-WEIGHTINGS = ("uniform", "min_snr")
-DTYPES = ("float32", "bfloat16")
-RESBLOCK_CONDITIONINGS = ("additive", "scale_shift")
-SAMPLE_METHODS_FALLBACK = ("ddpm", "ddim")
+from ddpm_jax import diffusion, losses, parallel, samplers, schedules
+from ddpm_jax.errors import UsageError
+from ddpm_jax.models import layers
+from ddpm_jax.models.unet import CIFAR10_DDPM
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -63,12 +62,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.image_size = config_dict.placeholder(int)
     c.data.num_examples = config_dict.placeholder(int)
 
-    c.model = ml_collections.ConfigDict()
-    c.model.ch = 128
-    c.model.ch_mult = (1, 2, 2, 2)
-    c.model.num_res_blocks = 2
-    c.model.attn_resolutions = (16,)
-    c.model.dropout = 0.1
+    c.model = ml_collections.ConfigDict(
+        dict(CIFAR10_DDPM)
+    )  # ch, ch_mult, blocks, attention, dropout
     c.model.num_heads = 1
     c.model.num_groups = 32
     c.model.resblock_conditioning = "additive"
@@ -113,11 +109,38 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def latent_config() -> ml_collections.ConfigDict:
+    """Defaults of the ``config.latent`` section of the latent-diffusion experiments.
+
+    Fields: ``image_size`` (images are resized to it before encoding); the autoencoder's
+    ``vae_block_out_channels, vae_layers_per_block, vae_norm_num_groups, vae_latent_channels``
+    and its training ``vae_steps, vae_batch_size, vae_lr, vae_kl_weight``; the text encoder's
+    ``text_width, text_depth, text_num_heads, text_max_length``; ``samples_per_prompt`` (final
+    samples per prompt, in place of ``sample.num_samples``, which must be 0).
+    """
+    c = ml_collections.ConfigDict()
+    c.image_size = 32
+    c.vae_block_out_channels = (16, 32, 32)
+    c.vae_layers_per_block = 1
+    c.vae_norm_num_groups = 8
+    c.vae_latent_channels = 4
+    c.vae_steps = 300
+    c.vae_batch_size = 64
+    c.vae_lr = 1e-3
+    c.vae_kl_weight = 1e-6
+    c.text_width = 64
+    c.text_depth = 2
+    c.text_num_heads = 4
+    c.text_max_length = 6
+    c.samples_per_prompt = 25
+    return c
+
+
 # ----------------------------------------------------------------------------- field checks
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"config.{field}={value!r} is invalid: {allowed}")
+    raise UsageError(f"config.{field}={value!r} is invalid: {allowed}")
 
 
 def _int(c, field: str, minimum: int, *, optional: bool = False) -> None:
@@ -165,7 +188,7 @@ def _get(c, field: str) -> Any:
     node = c
     for part in field.split("."):
         if part not in node:
-            raise ValueError(f"config.{field} is missing; default_config() defines it")
+            raise UsageError(f"config.{field} is missing; default_config() defines it")
         node = node[part]
     return node
 
@@ -175,22 +198,13 @@ def _check_known_keys(config) -> None:
     default = default_config()
     for section in ("data", "model", "diffusion", "train", "sample"):
         if section not in config:
-            raise ValueError(f"config.{section} is missing; build configs from default_config()")
+            raise UsageError(f"config.{section} is missing; build configs from default_config()")
         unknown = sorted(set(config[section].keys()) - set(default[section].keys()))
         if unknown:
-            raise ValueError(
+            raise UsageError(
                 f"config.{section} has unknown field(s) {unknown}; allowed: "
                 f"{sorted(default[section].keys())}"
             )
-
-
-def _sample_methods() -> tuple[str, ...]:
-    try:
-        from ddpm_jax import samplers
-    except ImportError:
-        return SAMPLE_METHODS_FALLBACK
-    methods = getattr(samplers, "METHODS", None)
-    return tuple(methods) if methods else SAMPLE_METHODS_FALLBACK
 
 
 def validate(
@@ -208,11 +222,11 @@ def validate(
       process_count: number of processes; when given, ``train.batch_size`` must divide evenly.
 
     Raises:
-      ValueError: naming the field, its value and what is allowed.
+      UsageError: naming the field, its value and what is allowed.
     """
     _check_known_keys(config)
     _int(config, "seed", 0)
-    _choice(config, "parallel", PARALLEL_KINDS)
+    _choice(config, "parallel", parallel.KINDS)
 
     name = _get(config, "data.name")
     if not isinstance(name, str) or not name:
@@ -232,15 +246,18 @@ def validate(
     _float(config, "model.dropout", 0.0, 1.0, hi_open=True)
     _int(config, "model.num_heads", 1)
     _int(config, "model.num_groups", 1)
-    _choice(config, "model.resblock_conditioning", RESBLOCK_CONDITIONINGS)
-    _choice(config, "model.dtype", DTYPES)
+    _choice(config, "model.resblock_conditioning", layers.RESBLOCK_CONDITIONINGS)
+    _choice(config, "model.dtype", tuple(layers.DTYPES))
     _bool(config, "model.class_conditional")
     m = config.model
     widths = sorted({m.ch, *(m.ch * k for k in m.ch_mult)})
     if any(w % m.num_groups for w in widths):
         _fail("model.num_groups", m.num_groups, f"must divide every channel count {widths}")
+    if any(m.ch * k % m.num_heads for k in m.ch_mult):  # attention may run at every level
+        levels = sorted({m.ch * k for k in m.ch_mult})
+        _fail("model.num_heads", m.num_heads, f"must divide every level's channel count {levels}")
 
-    _choice(config, "diffusion.schedule", SCHEDULES)
+    _choice(config, "diffusion.schedule", schedules.NAMES)
     _int(config, "diffusion.num_timesteps", 1)
     if config.diffusion.schedule == "linear":
         _float(config, "diffusion.beta_start", 0.0, 1.0, lo_open=True, hi_open=True)
@@ -251,8 +268,8 @@ def validate(
                 config.diffusion.beta_start,
                 f"must be <= diffusion.beta_end={config.diffusion.beta_end}",
             )
-    _choice(config, "diffusion.prediction", PREDICTIONS)
-    _choice(config, "diffusion.weighting", WEIGHTINGS)
+    _choice(config, "diffusion.prediction", diffusion.PREDICTIONS)
+    _choice(config, "diffusion.weighting", losses.WEIGHTINGS)
     _float(config, "diffusion.min_snr_gamma", 0.0, float("inf"), lo_open=True)
 
     _int(config, "train.num_steps", 1)
@@ -272,7 +289,7 @@ def validate(
     _int(config, "train.steps_per_call", 1)
 
     _int(config, "sample.num_samples", 0)
-    _choice(config, "sample.method", _sample_methods())
+    _choice(config, "sample.method", samplers.METHODS)
     _int(config, "sample.num_steps", 2)
     if config.sample.num_steps > config.diffusion.num_timesteps:
         _fail(
@@ -286,6 +303,9 @@ def validate(
     _int(config, "sample.grid_size", 0)
     _int(config, "sample.batch_size", 1)
 
+    if "latent" in config:
+        _validate_latent(config)
+
     batch = config.train.batch_size
     if device_count is not None and batch % device_count:
         _fail(
@@ -298,36 +318,50 @@ def validate(
         _fail("train.batch_size", batch, f"must be divisible by process count {process_count}")
 
 
-def check_workdir(workdir: str | os.PathLike | None) -> str:
-    """Checks that ``workdir`` is given and is, or can be created as, a writable directory.
-
-    Nothing is created. Returns the absolute path.
-
-    Raises:
-      ValueError: missing, not a directory, or not writable.
-    """
-    if workdir is None or not str(workdir).strip():
-        raise ValueError("workdir is missing: pass --workdir=DIR (created if needed)")
-    path = os.path.abspath(os.fspath(workdir))
-    if os.path.exists(path):
-        if not os.path.isdir(path):
-            raise ValueError(f"workdir={path!r} exists and is not a directory")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise ValueError(f"workdir={path!r} is not writable")
-        return path
-    parent = os.path.dirname(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f"workdir={path!r} cannot be created: {parent!r} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"workdir={path!r} cannot be created: {parent!r} is not writable")
-    return path
+def _divides(field: str, value: int, other: str, other_value: int) -> None:
+    if other_value % value:
+        _fail(field, value, f"must divide {other}={other_value}")
 
 
-__all__ = [
-    "PARALLEL_KINDS",
-    "check_workdir",
-    "default_config",
-    "validate",
-]
+def _validate_latent(config: ml_collections.ConfigDict) -> None:
+    """The ``latent`` section and what it implies for ``model`` and ``sample``."""
+    unknown = sorted(set(config.latent.keys()) - set(latent_config().keys()))
+    if unknown:
+        raise UsageError(
+            f"config.latent has unknown field(s) {unknown}; allowed: {sorted(latent_config())}"
+        )
+    for field in latent_config().keys():
+        if field == "vae_block_out_channels":
+            _int_tuple(config, "latent.vae_block_out_channels", allow_empty=False)
+        elif field == "vae_lr":
+            _float(config, "latent.vae_lr", 0.0, float("inf"), lo_open=True)
+        elif field == "vae_kl_weight":
+            _float(config, "latent.vae_kl_weight", 0.0, float("inf"))
+        else:
+            _int(config, f"latent.{field}", 1)
+    c = config.latent
+    for width in c.vae_block_out_channels:
+        _divides("latent.vae_norm_num_groups", c.vae_norm_num_groups, "a VAE width", width)
+    factor = 2 ** (len(c.vae_block_out_channels) - 1)
+    if c.image_size % factor:
+        _fail("latent.image_size", c.image_size, f"must be divisible by {factor} (VAE levels)")
+    latent_size, unet_factor = c.image_size // factor, 2 ** (len(config.model.ch_mult) - 1)
+    if latent_size % unet_factor:
+        _fail(
+            "model.ch_mult",
+            tuple(config.model.ch_mult),
+            f"needs latent sides divisible by {unet_factor}; the latents are "
+            f"{latent_size}x{latent_size}",
+        )
+    _divides("latent.text_num_heads", c.text_num_heads, "latent.text_width", c.text_width)
+    _divides("model.num_heads", config.model.num_heads, "latent.text_width", c.text_width)
+    if config.sample.num_samples:
+        _fail(
+            "sample.num_samples",
+            config.sample.num_samples,
+            "must be 0 in a latent run: samples are drawn per prompt "
+            "(config.latent.samples_per_prompt)",
+        )
+
+
+__all__ = ["default_config", "latent_config", "validate"]

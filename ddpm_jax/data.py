@@ -13,69 +13,62 @@ Every batch is a pure function of ``(seed, step, process_index)``:
 A resumed run therefore sees exactly the data it would have seen, and the same global batch is
 produced whatever the number of processes.
 
-Sources: any tfds dataset with an ``image`` feature (and optionally a ``label`` ClassLabel), read
-with ``tfds`` ArrayRecord data sources (no TensorFlow needed to read), and the embedded
-``digits`` dataset (scikit-learn's 8×8 handwritten digits, offline). A tfds dataset that is not
-prepared is prepared with tfds when possible; when it is not (no TensorFlow, no network), a
-``DataUnavailableError`` with one paragraph of instructions is raised within seconds.
+Every training dataset implements the :class:`Dataset` protocol with this batching:
+:class:`ImageDataset` over a random-access source, built by :func:`make_dataset` (any tfds dataset
+with an ``image`` feature, through :mod:`ddpm_jax.tfds_source`, or the embedded ``digits``:
+scikit-learn's 8×8 handwritten digits, offline) or by :func:`array_dataset` (in-memory arrays,
+e.g. the encoded latents of a latent-diffusion run).
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import logging
-import os
-import socket
-import threading
-import urllib.parse
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import grain
 import jax
 import numpy as np
-import tensorflow_datasets as tfds
-from PIL import Image
+
+from ddpm_jax import images as images_lib
+from ddpm_jax.errors import UsageError
+from ddpm_jax.tfds_source import DataUnavailableError, base_name, load_tfds_source, tfds_image_spec
 
 DIGITS = "digits"
 _DIGITS_TEST_SIZE = 360
 
 # Datasets whose images are invariant to a horizontal flip (flipped by default).
 _FLIP_BY_DEFAULT = frozenset(
-    {
-        "cifar10",
-        "cifar100",
-        "celeb_a",
-        "celeb_a_hq",
-        "stl10",
-        "lsun",
-        "imagenet2012",
-        "imagenet_resized",
-        "downsampled_imagenet",
-    }
+    "cifar10 cifar100 celeb_a celeb_a_hq stl10 lsun imagenet2012 imagenet_resized "
+    "downsampled_imagenet".split()
 )
-# Download URLs for the error message when tfds cannot list them (it needs importlib_resources).
-_KNOWN_DOWNLOADS = {
-    "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",),
-    "cifar100": ("https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",),
-    "mnist": tuple(
-        f"https://storage.googleapis.com/cvdf-datasets/mnist/{f}"
-        for f in (
-            "train-images-idx3-ubyte.gz",
-            "train-labels-idx1-ubyte.gz",
-            "t10k-images-idx3-ubyte.gz",
-            "t10k-labels-idx1-ubyte.gz",
-        )
-    ),
-}
-# Modules that tfds needs to prepare (download, encode, write) a dataset; reading needs neither.
-_PREPARE_MODULES = ("tensorflow", "importlib_resources")
-_NETWORK_TIMEOUT_S = 3.0
 
 
-class DataUnavailableError(RuntimeError):
-    """The dataset is not prepared and cannot be prepared here; the message says what to do."""
+class Dataset(Protocol):
+    """What the run loop needs of a training dataset.
+
+    Attributes:
+      name: dataset name.
+      image_shape: ``(H, W, C)`` of the produced examples.
+      num_classes: number of label classes, or None when the examples have no labels.
+      num_examples: examples per epoch.
+      global_batch_size / local_batch_size: rows per global batch / per process.
+    """
+
+    name: str
+    image_shape: tuple[int, int, int]
+    num_classes: int | None
+    num_examples: int
+    global_batch_size: int
+    local_batch_size: int
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """This process's rows of global batch ``step``: ``{"image": float32 [local_B, H, W, C],
+        "label": int32 [local_B]}`` (labels -1 without classes); a pure function of ``step``."""
+        ...
+
+    def iterator(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """``batch(start_step), batch(start_step + 1), ...``."""
+        ...
 
 
 # ----------------------------------------------------------------------------- digits
@@ -124,169 +117,6 @@ class _ArraySource:
         return {"image": self._images[index], "label": self._labels[index]}
 
 
-# ----------------------------------------------------------------------------- tfds
-
-
-def _base_name(name: str) -> str:
-    """``"imagenet_resized/32x32:0.1.0"`` → ``"imagenet_resized"``."""
-    return name.split("/")[0].split(":")[0]
-
-
-def _download_urls(builder: Any, name: str) -> tuple[str, ...]:
-    """The URLs tfds downloads to prepare ``name`` (empty when unknown)."""
-    try:
-        urls = tuple(builder.url_infos or ())
-    except Exception:  # tfds needs importlib_resources to read its checksum files.
-        urls = ()
-    return urls or _KNOWN_DOWNLOADS.get(_base_name(name), ())
-
-
-def _instructions(name: str, builder: Any, reason: str) -> str:
-    """One paragraph (one line) saying why ``name`` is unavailable and exactly what to do."""
-    urls = _download_urls(builder, name)
-    if urls:
-        names = [os.path.basename(urllib.parse.urlparse(u).path) for u in urls]
-        files = " and ".join(f"{n} ({u})" for n, u in zip(names, urls, strict=True))
-        offline = (
-            f"offline, download {files} on another machine, put "
-            f"{'them' if len(urls) > 1 else 'it'} unextracted in a directory and pass "
-            "--config.data.manual_dir=<that directory>"
-        )
-    else:
-        offline = (
-            "offline, put the original files listed in the tfds catalog for "
-            f"{name!r} in a directory and pass --config.data.manual_dir=<that directory>"
-        )
-    return (
-        f"Dataset {name!r} is not prepared in {builder.data_dir} and cannot be prepared here: "
-        f'{reason}. To fix: install the preparation tools with `pip install -e ".[prepare]"` '
-        "(TensorFlow is needed once, to prepare; training reads the ArrayRecord files without "
-        f"it), then either rerun with network access (tfds downloads and prepares {name!r}) or, "
-        f"{offline}; --config.data.data_dir=<dir> chooses where prepared datasets are written and "
-        f"read (a directory already holding a prepared {name!r}, e.g. copied from another "
-        "machine, works without any preparation)."
-    )
-
-
-@contextlib.contextmanager
-def _quiet_absl():
-    """Hides tfds' absl warnings (errors still show) while probing a dataset directory."""
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def _missing_prepare_modules() -> list[str]:
-    """Modules tfds needs to prepare datasets that are not importable (a cheap check)."""
-    return [m for m in _PREPARE_MODULES if importlib.util.find_spec(m) is None]
-
-
-def _network_reachable(host: str, port: int = 443, timeout: float = _NETWORK_TIMEOUT_S) -> bool:
-    """Whether a TCP connection to ``host:port`` opens within ``timeout`` seconds (DNS included)."""
-    result = []
-
-    def probe():
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            result.append(True)
-        except OSError:
-            result.append(False)
-
-    thread = threading.Thread(target=probe, daemon=True)  # getaddrinfo has no timeout.
-    thread.start()
-    thread.join(timeout)
-    return bool(result and result[0])
-
-
-def _prepare(builder: Any, name: str, manual_dir: str | None) -> None:
-    """Downloads and prepares ``builder`` as ArrayRecord, or raises DataUnavailableError fast."""
-    missing = _missing_prepare_modules()
-    if missing:
-        raise DataUnavailableError(
-            _instructions(name, builder, f"{', '.join(missing)} not installed (needed to prepare)")
-        )
-    urls = _download_urls(builder, name)
-    files = [os.path.basename(urllib.parse.urlparse(u).path) for u in urls]
-    have_manual = bool(
-        manual_dir and files and all(os.path.exists(os.path.join(manual_dir, f)) for f in files)
-    )
-    if not have_manual:
-        host = urllib.parse.urlparse(urls[0]).hostname if urls else "storage.googleapis.com"
-        if not _network_reachable(host):
-            where = f" and not all of {files} are in manual_dir={manual_dir}" if files else ""
-            raise DataUnavailableError(_instructions(name, builder, f"{host} unreachable{where}"))
-    try:
-        builder.download_and_prepare(
-            file_format="array_record",
-            download_config=tfds.download.DownloadConfig(
-                manual_dir=manual_dir, try_download_gcs=not have_manual
-            ),
-        )
-    except Exception as e:
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise DataUnavailableError(
-            _instructions(name, builder, f"preparing failed with {type(e).__name__}: {detail}")
-        ) from e
-
-
-def load_tfds_source(
-    name: str, *, split: str, data_dir: str | None = None, manual_dir: str | None = None
-) -> tuple[Sequence[dict[str, Any]], int | None]:
-    """A tfds ArrayRecord data source for ``name``/``split``, preparing the dataset if needed.
-
-    Args:
-      name: tfds name, optionally with config / version (``"cifar10"``, ``"mnist"``).
-      split: tfds split string (``"train"``, ``"test"``, ``"train[:90%]"``).
-      data_dir: tfds data directory; None is tfds' default (``$TFDS_DATA_DIR`` or
-        ``~/tensorflow_datasets``).
-      manual_dir: directory holding the original download archives, for offline preparation.
-
-    Returns:
-      ``(source, num_classes)``: ``source[i]`` is a dict with ``"image"`` uint8 ``[H, W, C]`` and
-      maybe ``"label"``; ``num_classes`` is None when the dataset has no ``label`` ClassLabel.
-
-    Raises:
-      ValueError: unknown dataset, no ``image`` feature, or an invalid split.
-      DataUnavailableError: not prepared and cannot be prepared here (fast, before anything slow).
-    """
-    try:
-        with _quiet_absl():
-            builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(
-            f"name={name!r} is not a usable tfds dataset ({first}); use {DIGITS!r} or a tfds "
-            "image dataset name such as 'cifar10', 'mnist' or 'fashion_mnist'"
-        ) from e
-    features = builder.info.features
-    if "image" not in features or not isinstance(features["image"], tfds.features.Image):
-        raise ValueError(f"name={name!r}: the tfds dataset has no 'image' feature")
-    label = features["label"] if "label" in features else None
-    num_classes = label.num_classes if isinstance(label, tfds.features.ClassLabel) else None
-    with _quiet_absl():  # tfds warns "Variant folder ... has no dataset_info.json".
-        prepared = builder.is_prepared()
-    if not prepared:
-        _prepare(builder, name, manual_dir)
-    try:
-        source = builder.as_data_source(split=split)
-    except NotImplementedError as e:  # prepared as TFRecord only: no random access.
-        raise DataUnavailableError(
-            f"Dataset {name!r} in {builder.data_dir} was prepared without ArrayRecord files, "
-            "which random access needs: delete that directory (or choose another "
-            "--config.data.data_dir) and rerun to prepare it again as ArrayRecord."
-        ) from e
-    except Exception as e:
-        raise ValueError(
-            f"split={split!r} cannot be read from tfds dataset {name!r} ({e}); available splits: "
-            f"{sorted(builder.info.splits)}"
-        ) from e
-    return source, num_classes
-
-
 # ----------------------------------------------------------------------------- pipeline
 
 
@@ -333,8 +163,9 @@ class ImageDataset:
         num_threads: int = 4,
         prefetch_batches: int = 8,
     ):
-        """Args: ``source[i]`` is a dict with ``"image"`` uint8 ``[H, W, C]`` (or ``[H, W]``) and
-        optionally ``"label"``; the other arguments are those of ``make_dataset``."""
+        """Args: ``source[i]`` is a dict with ``"image"`` uint8 ``[H, W, C]`` (or ``[H, W]``; mapped
+        to [-1, 1]) or float32 ``[H, W, C]`` (used as is, e.g. latents) and optionally
+        ``"label"``; the other arguments are those of ``make_dataset``."""
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
         _check_int("process_count", process_count, 1)
@@ -388,12 +219,15 @@ class ImageDataset:
         image = np.asarray(example["image"])
         if image.ndim == 2:
             image = image[..., None]
-        if image.dtype != np.uint8 or image.ndim != 3:
+        if image.dtype not in (np.uint8, np.float32) or image.ndim != 3:
             raise ValueError(
-                f"{self.name}: expected uint8 [H, W, C] images, got {image.dtype} {image.shape}"
+                f"{self.name}: expected uint8 or float32 [H, W, C] images, got {image.dtype} "
+                f"{image.shape}"
             )
         if self._hw is not None and image.shape[:2] != self._hw:
-            image = _resize(image, self._hw)
+            if image.dtype != np.uint8:
+                raise ValueError(f"{self.name}: image_size resizes uint8 images only")
+            image = images_lib.resize(image, self._hw)
         if self.image_shape is not None and image.shape != self.image_shape:
             raise ValueError(
                 f"{self.name}: image of shape {image.shape} differs from {self.image_shape}; set "
@@ -428,13 +262,6 @@ class ImageDataset:
         return self.num_examples / self.global_batch_size
 
 
-def _resize(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize (antialiased when shrinking) of a uint8 ``[H, W, C]`` image to ``hw``."""
-    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    out = np.asarray(pil.resize((hw[1], hw[0]), Image.Resampling.BILINEAR))
-    return out[..., None] if out.ndim == 2 else out
-
-
 def _random_flip(example: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, Any]:
     if rng.random() < 0.5:
         return {"image": example["image"][:, ::-1], "label": example["label"]}
@@ -442,7 +269,9 @@ def _random_flip(example: dict[str, np.ndarray], rng: np.random.Generator) -> di
 
 
 def _to_float(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    image = batch["image"].astype(np.float32) / np.float32(127.5) - np.float32(1.0)  # exact ends
+    image = batch["image"]
+    if image.dtype == np.uint8:
+        image = image.astype(np.float32) / np.float32(127.5) - np.float32(1.0)  # exact ends
     return {"image": image, "label": batch["label"].astype(np.int32)}
 
 
@@ -482,11 +311,12 @@ def make_dataset(
       An ``ImageDataset``.
 
     Raises:
-      ValueError: invalid arguments (each names the field) or an unknown dataset.
+      ValueError: invalid arguments (each names the field).
+      UsageError: an unknown dataset or split.
       DataUnavailableError: a tfds dataset that is not prepared and cannot be prepared here.
     """
     if not isinstance(name, str) or not name:
-        raise ValueError(f"name={name!r} must be a dataset name such as 'cifar10' or 'digits'")
+        raise UsageError(f"name={name!r} must be a dataset name such as 'cifar10' or 'digits'")
     if name == DIGITS:
         images, labels = digits_arrays(split)
         source, num_classes = _ArraySource(images, labels), 10
@@ -495,7 +325,7 @@ def make_dataset(
             name, split=split, data_dir=data_dir, manual_dir=manual_dir
         )
     if random_flip is None:
-        random_flip = _base_name(name) in _FLIP_BY_DEFAULT
+        random_flip = base_name(name) in _FLIP_BY_DEFAULT
     return ImageDataset(
         source,
         name=name,
@@ -512,11 +342,83 @@ def make_dataset(
     )
 
 
+def array_dataset(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    num_classes: int | None,
+    global_batch_size: int,
+    seed: int,
+    name: str = "arrays",
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> ImageDataset:
+    """The batches of in-memory examples, with the batching of every other dataset.
+
+    Args:
+      images: ``[N, H, W, C]`` uint8 images (mapped to [-1, 1]) or float32 arrays used as they are
+        (e.g. the scaled latents of a latent-diffusion run).
+      labels: ``[N]`` int32 labels in ``[0, num_classes)`` (or -1 for none).
+      num_classes: number of classes, or None.
+      global_batch_size / seed / process_index / process_count: as :func:`make_dataset`.
+      name: the dataset's name.
+
+    Returns:
+      An :class:`ImageDataset` (no flips, no resizing).
+    """
+    images, labels = np.asarray(images), np.asarray(labels, np.int32)
+    if images.ndim != 4 or labels.shape != (images.shape[0],):
+        raise ValueError(
+            f"images [N, H, W, C] and labels [N] expected, got {images.shape} and {labels.shape}"
+        )
+    if (
+        num_classes is not None
+        and len(labels)
+        and not 0 <= labels.min() <= labels.max() < num_classes
+    ):
+        raise ValueError(f"labels must lie in [0, num_classes={num_classes})")
+    return ImageDataset(
+        _ArraySource(images, labels),
+        name=name,
+        num_classes=num_classes,
+        global_batch_size=global_batch_size,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+    )
+
+
+def image_spec(
+    name: str, *, data_dir: str | None = None, image_size: int | None = None
+) -> tuple[tuple[int, int, int], int | None]:
+    """``((H, W, C), num_classes)`` of the examples :func:`make_dataset` would produce, from the
+    dataset's metadata alone (no data is read, prepared or downloaded).
+
+    Raises:
+      UsageError: an unknown dataset, or varying image sizes without ``image_size``.
+    """
+    if name == DIGITS:
+        shape, num_classes = (8, 8, 1), 10
+    else:
+        shape, num_classes = tfds_image_spec(name, data_dir)
+    h, w, c = shape
+    if image_size is not None:
+        h, w = _as_hw(image_size)
+    if h is None or w is None or c is None:
+        raise UsageError(
+            f"data.name={name!r} has images of varying size {shape}: set config.data.image_size"
+        )
+    return (int(h), int(w), int(c)), num_classes
+
+
 __all__ = [
     "DIGITS",
     "DataUnavailableError",
+    "Dataset",
     "ImageDataset",
+    "array_dataset",
     "digits_arrays",
+    "image_spec",
     "load_tfds_source",
     "make_dataset",
 ]

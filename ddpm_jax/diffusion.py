@@ -6,6 +6,10 @@ notation); per-timestep coefficients are broadcast over the remaining dimensions
 data rank works (images ``[B, H, W, C]``, latents, 1-D signals ``[B, D]``). Outputs have the dtype
 of the data input.
 
+The public functions check their arguments' shapes and dtypes (:func:`check_data`,
+:func:`check_timesteps`) and raise ValueError naming the argument, the shape received and the one
+expected. The checks read only static shapes and dtypes, so they cost nothing under ``jax.jit``.
+
 Model outputs come in three parametrizations (``prediction``):
 
 - ``"eps"``: the noise ε (Ho et al. 2020);
@@ -19,6 +23,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ddpm_jax.schedules import Schedule
 
@@ -42,6 +47,65 @@ def extract(table: jax.Array, t: jax.Array, x: jax.Array) -> jax.Array:
     return values.reshape(values.shape + (1,) * (x.ndim - values.ndim))
 
 
+def _dtype(a) -> np.dtype:
+    return a.dtype if hasattr(a, "dtype") else np.asarray(a).dtype
+
+
+def check_data(where: str, **arrays) -> int:
+    """Raises ValueError unless the arrays are float ``[B, ...]`` of rank >= 2 and equal shapes.
+
+    The first keyword argument sets the expected shape; the others must have it exactly.
+
+    Args:
+        where: the calling function, for the message (e.g. ``"q_sample"``).
+        **arrays: the data arguments by name, e.g. ``x0=x0, noise=noise``.
+
+    Returns:
+        B, the batch size (the leading dimension).
+
+    Example:
+        >>> check_data("q_sample", x0=jnp.zeros((8, 4)), noise=jnp.zeros((8, 3)))
+        Traceback (most recent call last):
+        ValueError: q_sample: noise must have the shape of x0 (8, 4), got (8, 3)
+    """
+    (first, x), *rest = arrays.items()
+    shape = tuple(jnp.shape(x))
+    if len(shape) < 2:
+        raise ValueError(
+            f"{where}: {first} must be [B, ...] with at least one axis after the batch axis "
+            f"(e.g. [B, H, W, C] or [B, D]), got shape {shape}"
+        )
+    for name, a in rest:
+        if tuple(jnp.shape(a)) != shape:
+            raise ValueError(
+                f"{where}: {name} must have the shape of {first} {shape}, got {tuple(jnp.shape(a))}"
+            )
+    for name, a in arrays.items():
+        if not jnp.issubdtype(_dtype(a), jnp.floating):
+            raise ValueError(f"{where}: {name} must be a float array, got {_dtype(a)}")
+    return shape[0]
+
+
+def check_timesteps(where: str, t, batch: int | None = None) -> None:
+    """Raises ValueError unless ``t`` is an integer array of shape ``[batch]`` (``[B]`` if None).
+
+    Args:
+        where: the calling function, for the message.
+        t: the timesteps argument.
+        batch: B, the leading dimension of the data, or None.
+
+    Example:
+        >>> check_timesteps("q_sample", jnp.zeros((8, 1)), 8)
+        Traceback (most recent call last):
+        ValueError: q_sample: t must be int32 [B] = (8,), got float32 (8, 1)
+    """
+    shape, dtype = tuple(jnp.shape(t)), _dtype(t)
+    ok_shape = len(shape) == 1 if batch is None else shape == (batch,)
+    if not (ok_shape and jnp.issubdtype(dtype, jnp.integer)):
+        expected = "[B]" if batch is None else f"[B] = ({batch},)"
+        raise ValueError(f"{where}: t must be int32 {expected}, got {dtype} {shape}")
+
+
 def check_prediction(prediction: str) -> None:
     """Raises ValueError unless ``prediction`` is one of "eps", "x0", "v"."""
     if prediction not in PREDICTIONS:
@@ -62,6 +126,8 @@ def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) 
     Returns:
         x_t, same shape and dtype as ``x0``.
     """
+    batch = check_data("q_sample", x0=x0, noise=noise)
+    check_timesteps("q_sample", t, batch)
     return extract(schedule.sqrt_alpha_bars, t, x0) * x0 + extract(
         schedule.sqrt_one_minus_alpha_bars, t, x0
     ) * noise.astype(x0.dtype)
@@ -81,6 +147,8 @@ def q_sample_with_key(
     Returns:
         ``(x_t, noise)``, both shaped like ``x0``.
     """
+    batch = check_data("q_sample_with_key", x0=x0)
+    check_timesteps("q_sample_with_key", t, batch)
     noise = jax.random.normal(key, x0.shape, x0.dtype)
     return q_sample(schedule, x0, t, noise), noise
 
@@ -103,6 +171,8 @@ def q_posterior_mean_variance(
         ``(mean, variance, log_variance)``: mean ``[B, ...]``; variance and the clipped log-variance
         ``[B, 1, ..., 1]`` (broadcastable to the data).
     """
+    batch = check_data("q_posterior_mean_variance", x_t=x_t, x0=x0)
+    check_timesteps("q_posterior_mean_variance", t, batch)
     mean = (
         extract(schedule.posterior_mean_coef1, t, x_t) * x0
         + extract(schedule.posterior_mean_coef2, t, x_t) * x_t
@@ -124,6 +194,8 @@ def predict_x0_from_eps(schedule: Schedule, x_t: jax.Array, t: jax.Array, eps: j
     Returns:
         ``[B, ...]`` predicted x_0.
     """
+    batch = check_data("predict_x0_from_eps", x_t=x_t, eps=eps)
+    check_timesteps("predict_x0_from_eps", t, batch)
     return (
         extract(schedule.sqrt_recip_alpha_bars, t, x_t) * x_t
         - extract(schedule.sqrt_recipm1_alpha_bars, t, x_t) * eps
@@ -142,6 +214,8 @@ def predict_eps_from_x0(schedule: Schedule, x_t: jax.Array, t: jax.Array, x0: ja
     Returns:
         ``[B, ...]`` the implied noise.
     """
+    batch = check_data("predict_eps_from_x0", x_t=x_t, x0=x0)
+    check_timesteps("predict_eps_from_x0", t, batch)
     return (extract(schedule.sqrt_recip_alpha_bars, t, x_t) * x_t - x0) / extract(
         schedule.sqrt_recipm1_alpha_bars, t, x_t
     )
@@ -159,6 +233,8 @@ def predict_v(schedule: Schedule, x0: jax.Array, t: jax.Array, eps: jax.Array):
     Returns:
         ``[B, ...]`` v.
     """
+    batch = check_data("predict_v", x0=x0, eps=eps)
+    check_timesteps("predict_v", t, batch)
     return (
         extract(schedule.sqrt_alpha_bars, t, x0) * eps
         - extract(schedule.sqrt_one_minus_alpha_bars, t, x0) * x0
@@ -177,6 +253,8 @@ def predict_x0_from_v(schedule: Schedule, x_t: jax.Array, t: jax.Array, v: jax.A
     Returns:
         ``[B, ...]`` predicted x_0.
     """
+    batch = check_data("predict_x0_from_v", x_t=x_t, v=v)
+    check_timesteps("predict_x0_from_v", t, batch)
     return (
         extract(schedule.sqrt_alpha_bars, t, x_t) * x_t
         - extract(schedule.sqrt_one_minus_alpha_bars, t, x_t) * v
@@ -195,6 +273,8 @@ def predict_eps_from_v(schedule: Schedule, x_t: jax.Array, t: jax.Array, v: jax.
     Returns:
         ``[B, ...]`` the implied noise.
     """
+    batch = check_data("predict_eps_from_v", x_t=x_t, v=v)
+    check_timesteps("predict_eps_from_v", t, batch)
     return (
         extract(schedule.sqrt_one_minus_alpha_bars, t, x_t) * x_t
         + extract(schedule.sqrt_alpha_bars, t, x_t) * v
@@ -224,6 +304,8 @@ def predict_x0_and_eps(
         ``(x0, eps)``, each ``[B, ...]``.
     """
     check_prediction(prediction)
+    batch = check_data("predict_x0_and_eps", x_t=x_t, model_output=model_output)
+    check_timesteps("predict_x0_and_eps", t, batch)
     if prediction == "eps":
         eps = model_output
         x0 = predict_x0_from_eps(schedule, x_t, t, eps)
@@ -280,6 +362,8 @@ def p_mean_variance(
     """
     if variance not in VARIANCES:
         raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
+    batch = check_data("p_mean_variance", x_t=x_t, model_output=model_output)
+    check_timesteps("p_mean_variance", t, batch)
     x0, eps = predict_x0_and_eps(schedule, model_output, x_t, t, prediction, clip_x0)
     mean, post_var, post_log_var = q_posterior_mean_variance(schedule, x0, x_t, t)
     if variance == "fixed_small":
@@ -293,4 +377,5 @@ def p_mean_variance(
 
 def snr(schedule: Schedule, t: jax.Array) -> jax.Array:
     """Signal-to-noise ratio ᾱ_t / (1 - ᾱ_t) at int32 ``[B]`` timesteps; float32 ``[B]``."""
+    check_timesteps("snr", t)
     return jnp.exp(schedule.log_snr[t])

@@ -59,7 +59,9 @@ def classifier_free(
         ``guided(x_t, t, **cond) -> [B, ...]``.
 
     Raises:
-        ValueError: (when called) if ``cond`` is empty or an entry has no null value.
+        ValueError: (when called) if ``cond`` is empty or an entry has no null value; if ``x_t``
+            is not float ``[B, ...]`` (rank >= 2), ``t`` neither ``[B]`` nor a scalar, a
+            conditioning entry not ``[B, ...]`` or its null value not broadcastable to it.
     """
     nulls = dict(null_cond or {})
     if null_label is not None:
@@ -77,13 +79,35 @@ def classifier_free(
                 f"classifier_free: no null value for conditioning {missing}; pass null_label "
                 f"(for 'y') or null_cond={{name: value}}; have nulls for {sorted(nulls)}"
             )
+        batch = diffusion.check_data("classifier_free", x_t=x_t)
+        if jnp.shape(t) not in ((), (batch,)):
+            raise ValueError(
+                f"classifier_free: t must be [B] = ({batch},) or a scalar, got shape {jnp.shape(t)}"
+            )
         both = {}
         for name, value in cond.items():
             value = jnp.asarray(value)
-            null = jnp.broadcast_to(jnp.asarray(nulls[name], value.dtype), value.shape)
+            if value.shape[:1] != (batch,):
+                raise ValueError(
+                    f"classifier_free: conditioning {name!r} must be [B, ...] with B = {batch} "
+                    f"(the batch of x_t), got shape {value.shape}"
+                )
+            null = jnp.asarray(nulls[name], value.dtype)
+            try:
+                null = jnp.broadcast_to(null, value.shape)
+            except ValueError as e:
+                raise ValueError(
+                    f"classifier_free: the null value of {name!r}, shape {null.shape}, does not "
+                    f"broadcast to the conditioning's shape {value.shape}"
+                ) from e
             both[name] = jnp.concatenate([value, null])
-        t = jnp.broadcast_to(jnp.asarray(t), (x_t.shape[0],))
+        t = jnp.broadcast_to(jnp.asarray(t), (batch,))
         out = model_fn(jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]), **both)
+        if jnp.shape(out)[:1] != (2 * batch,):
+            raise ValueError(
+                f"classifier_free: model_fn must return [2B, ...] with 2B = {2 * batch} for the "
+                f"conditional and unconditional halves, got shape {jnp.shape(out)}"
+            )
         out_cond, out_uncond = jnp.split(out, 2)
         s = jnp.asarray(guidance_scale, out.dtype)
         return s * out_cond + (1 - s) * out_uncond
@@ -118,11 +142,23 @@ def classifier(
 
     Returns:
         ``guided(x_t, t, **cond) -> [B, ...]``.
+
+    Raises:
+        ValueError: for an unknown ``prediction``; (when called) if ``x_t`` is not float
+            ``[B, ...]`` (rank >= 2), ``t`` not int ``[B]`` or the model output not shaped like
+            ``x_t``.
     """
     diffusion.check_prediction(prediction)
 
     def guided(x_t: jax.Array, t: jax.Array, **cond) -> jax.Array:
+        batch = diffusion.check_data("classifier", x_t=x_t)
+        diffusion.check_timesteps("classifier", t, batch)
         out = model_fn(x_t, t, **cond)
+        if jnp.shape(out) != x_t.shape:
+            raise ValueError(
+                f"classifier: model_fn(x_t, t) must return an array shaped like x_t {x_t.shape}, "
+                f"got {jnp.shape(out)}"
+            )
         grad = jax.grad(lambda x: jnp.sum(log_prob_fn(x, t, **cond)))(x_t)
         shift = -diffusion.extract(schedule.sqrt_one_minus_alpha_bars, t, x_t) * scale * grad
         if prediction == "x0":  # x0 = (x_t - √(1-ᾱ) ε) / √ᾱ

@@ -1,12 +1,13 @@
-"""Image I/O at the edges: [-1, 1] floats to uint8, image grids, atomic PNG writes."""
+"""Image I/O at the edges: [-1, 1] floats to uint8, resizing, image grids, atomic PNG writes."""
 
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 from PIL import Image
+
+from ddpm_jax.workdir import atomic_open
 
 
 def to_uint8(x) -> np.ndarray:
@@ -24,6 +25,28 @@ def to_uint8(x) -> np.ndarray:
     if not np.issubdtype(x.dtype, np.floating):
         raise ValueError(f"x has dtype {x.dtype}; expected float images in [-1, 1] or uint8")
     return np.clip(np.rint((x.astype(np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def resize(images: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize (antialiased when shrinking, PIL) of uint8 images to ``hw``.
+
+    Args:
+      images: uint8 ``[H, W, C]`` or ``[N, H, W, C]``.
+      hw: ``(height, width)``.
+
+    Returns:
+      uint8 ``[h, w, C]`` or ``[N, h, w, C]``.
+    """
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise ValueError(
+            f"images: expected uint8 [(N,) H, W, C], got {images.dtype} {images.shape}"
+        )
+    if images.ndim == 4:
+        return np.stack([resize(image, hw) for image in images])
+    pil = Image.fromarray(images[..., 0] if images.shape[-1] == 1 else images)
+    out = np.asarray(pil.resize((hw[1], hw[0]), Image.Resampling.BILINEAR))
+    return out[..., None] if out.ndim == 2 else out
 
 
 def make_grid(images, ncols: int, padding: int = 1) -> np.ndarray:
@@ -77,16 +100,6 @@ def save_png_grid(path: str | os.PathLike, images, ncols: int, padding: int = 1)
     if channels not in (1, 3, 4):
         raise ValueError(f"images have {channels} channels; PNG grids support 1, 3 or 4")
     image = Image.fromarray(grid[..., 0] if channels == 1 else grid)
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    with atomic_open(path, "wb") as f:
+        image.save(f, format="PNG")
+    return os.fspath(path)

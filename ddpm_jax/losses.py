@@ -39,6 +39,7 @@ def sample_timesteps_and_noise(
     Returns:
         ``(t, noise)``: int32 ``[B]`` and ``[B, ...]`` in ``x0.dtype``.
     """
+    diffusion.check_data("sample_timesteps_and_noise", x0=x0)
     key_t, key_n = jax.random.split(key)
     t = jax.random.randint(key_t, (x0.shape[0],), 0, num_timesteps, dtype=jnp.int32)
     return t, jax.random.normal(key_n, x0.shape, x0.dtype)
@@ -66,6 +67,7 @@ def loss_weights(
     diffusion.check_prediction(prediction)
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    diffusion.check_timesteps("loss_weights", t)
     if weighting == "uniform":
         return jnp.ones(t.shape, jnp.float32)
     snr = diffusion.snr(schedule, t)
@@ -105,12 +107,23 @@ def diffusion_loss(
 
     Returns:
         float32 scalar, or ``[B]`` per-example losses.
+
+    Raises:
+        ValueError: for an unknown prediction, weighting or reduction; ``t`` not int ``[B]``;
+            ``noise`` or the model output not shaped like ``x0``.
     """
     diffusion.check_prediction(prediction)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    batch = diffusion.check_data("diffusion_loss", x0=x0, noise=noise)
+    diffusion.check_timesteps("diffusion_loss", t, batch)
     x_t = diffusion.q_sample(schedule, x0, t, noise)
     output = model_fn(x_t, t, **(cond or {}))
+    if jnp.shape(output) != x_t.shape:
+        raise ValueError(
+            f"diffusion_loss: model_fn(x_t, t) must return an array shaped like x_t {x_t.shape}, "
+            f"got {jnp.shape(output)}"
+        )
     if prediction == "eps":
         target = noise
     elif prediction == "x0":

@@ -267,7 +267,13 @@ def plan(
 def _predict(model_fn, schedule, x, t, prediction, clip_x0):
     """(x̂_0, ε̂) from one network evaluation at the scalar timestep ``t`` for the whole batch."""
     tb = jnp.full((x.shape[0],), t, jnp.int32)
-    return diffusion.predict_x0_and_eps(schedule, model_fn(x, tb), x, tb, prediction, clip_x0)
+    out = model_fn(x, tb)
+    if jnp.shape(out) != x.shape:
+        raise ValueError(
+            f"samplers: model_fn(x_t, t) must return an array shaped like x_t {x.shape}, "
+            f"got {jnp.shape(out)}"
+        )
+    return diffusion.predict_x0_and_eps(schedule, out, x, tb, prediction, clip_x0)
 
 
 def step(
@@ -332,11 +338,12 @@ def _validate_plan(schedule, shape, method, num_steps, eta, spacing, variance, x
     _check_choice("variance", variance, diffusion.VARIANCES)
     if not (
         isinstance(shape, tuple)
-        and len(shape) >= 1
+        and len(shape) >= 2
         and all(isinstance(d, (int, np.integer)) and d >= 1 for d in shape)
     ):
         raise ValueError(
-            f"shape must be a non-empty tuple of positive ints (B, ...), got {shape!r}"
+            f"shape must be a tuple of positive ints (B, ...) with at least one axis after the "
+            f"batch axis, e.g. (B, H, W, C) or (B, D), got {shape!r}"
         )
     if x_T is not None and tuple(x_T.shape) != shape:
         raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
@@ -370,7 +377,8 @@ def sample(
             [0, T); bind labels or context with a closure or ``functools.partial``.
         schedule: the noise schedule the model was trained with (traced).
         key: PRNG key for x_T (unless given) and the per-step noise.
-        shape: static ``(B, ...)`` of the samples, e.g. ``(B, 32, 32, 3)`` or ``(B, D)``.
+        shape: static ``(B, ...)`` of the samples, rank >= 2, e.g. ``(B, 32, 32, 3)`` or
+            ``(B, D)``.
         method: "ddpm", "ddim", "dpmpp_2m" or "heun" (static; see the module docstring).
         num_steps: N, grid length in [2, T] (static). Model evaluations per sample are N, or
             2N - 1 for "heun" (:func:`num_model_evals`).
@@ -391,7 +399,7 @@ def sample(
 
     Raises:
         ValueError: for an invalid method, spacing, num_steps, prediction, variance, shape, eta
-            (a concrete value) or clip_x0.
+            (a concrete value) or clip_x0, or a ``model_fn`` output not shaped like ``x_t``.
     """
     diffusion.check_prediction(prediction)
     if clip_x0 is not None and not (_is_concrete_number(clip_x0) and clip_x0 > 0):

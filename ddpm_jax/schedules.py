@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+NAMES = ("linear", "cosine", "sigmoid")  # the schedules :func:`get` builds by name
+
 _TABLES = (
     "betas",
     "alphas",
@@ -218,12 +220,20 @@ def sigmoid(
 
 
 def get(name: str, num_timesteps: int = 1000, **kwargs) -> Schedule:
-    """Returns the schedule called ``name`` ("linear", "cosine" or "sigmoid").
+    """Returns the schedule called ``name``, one of :data:`NAMES`.
+
+    Args:
+        name: "linear", "cosine" or "sigmoid".
+        num_timesteps: T.
+        **kwargs: the schedule's other arguments (e.g. ``beta_start`` for "linear").
+
+    Returns:
+        The schedule.
 
     Raises:
         ValueError: for an unknown name.
     """
+    if name not in NAMES:
+        raise ValueError(f"unknown schedule {name!r}; expected one of {NAMES}")
     makers = {"linear": linear, "cosine": cosine, "sigmoid": sigmoid}
-    if name not in makers:
-        raise ValueError(f"unknown schedule {name!r}; expected one of {sorted(makers)}")
     return makers[name](num_timesteps, **kwargs)

@@ -160,14 +160,14 @@ def make_train_step(
     min_snr_gamma: float = 5.0,
     ema_decay: float = 0.9999,
     p_uncond: float = 0.1,
-    num_classes: int | None = None,
+    null_label: int | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The per-device training step, to be mapped over ``axis_name`` (see ``ddpm_jax.parallel``).
 
     Args:
       apply_fn: ``apply_fn(params, x_t, t, y=None, rng=None) -> [b, H, W, C]`` the network in
         training mode (``rng`` is its dropout key; ``y`` int32 ``[b]`` labels when
-        ``num_classes`` is set).
+        ``null_label`` is set).
       schedule: the noise schedule.
       optimizer: the optax transformation the state was created with.
       seed: the config seed (per-example keys, see the module docstring).
@@ -176,9 +176,9 @@ def make_train_step(
       lr_schedule: reported as metric ``lr``; None reports nothing.
       prediction / weighting / min_snr_gamma: the loss (``ddpm_jax.losses.diffusion_loss``).
       ema_decay: decay of ``ema_params``.
-      p_uncond: label dropout probability (class-conditional only).
-      num_classes: number of classes for a class-conditional model, else None. Dropped labels
-        become the null label ``num_classes``.
+      p_uncond: label dropout probability (conditional models only).
+      null_label: the label of the null condition of a conditional model (``model.null_label``:
+        ``num_classes`` of a class-conditional UNet), else None. Dropped labels become it.
 
     Returns:
       ``step_fn(state, batch) -> (state, metrics)``; ``batch`` holds this device's rows:
@@ -196,8 +196,8 @@ def make_train_step(
             keys, x0.shape[1:], schedule.num_timesteps, p_uncond
         )
         cond = {}
-        if num_classes is not None:
-            cond["y"] = jnp.where(drop, num_classes, batch["label"]).astype(jnp.int32)
+        if null_label is not None:
+            cond["y"] = jnp.where(drop, null_label, batch["label"]).astype(jnp.int32)
         step_key = jax.random.fold_in(jax.random.key(seed), state.step)
         dropout_key = jax.random.fold_in(
             step_key, global_batch_size + jax.lax.axis_index(axis_name)

@@ -24,8 +24,9 @@ import time
 import ml_collections
 import numpy as np
 
+from ddpm_jax import cli, data
 from ddpm_jax import config as config_lib
-from ddpm_jax import data, latent_pipeline
+from ddpm_jax.latent import pipeline, prompts
 
 CLASSES = (
     ("airplane", "plane"),
@@ -39,14 +40,19 @@ CLASSES = (
     ("ship", "boat"),
     ("truck",),
 )
-TEMPLATES = ("a photo of a {}", "a {}", "a picture of a {}", "a blurry photo of the {}")
-HELDOUT_TEMPLATES = ("a photo of the {}",)
+TEMPLATES = (
+    "a photo of a {name}",
+    "a {name}",
+    "a picture of a {name}",
+    "a blurry photo of the {name}",
+)
+HELDOUT_TEMPLATES = ("a photo of the {name}",)
 
 
 def get_config() -> ml_collections.ConfigDict:
     c = config_lib.default_config()
     c.data.name = "cifar10"
-    c.latent = latent_pipeline.latent_config()
+    c.latent = config_lib.latent_config()
     c.latent.image_size = 32
     c.latent.vae_block_out_channels = (64, 128, 128)
     c.latent.vae_layers_per_block = 2
@@ -68,7 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dropout = 0.1
     c.model.num_heads = 4
     c.model.num_groups = 32
-    c.model.class_conditional = True  # conditional on the prompt id (see ddpm_jax.latent)
+    c.model.class_conditional = True  # on the prompt id (see ddpm_jax.models.text.PromptUNet)
 
     c.diffusion.schedule = "linear"
     c.diffusion.num_timesteps = 1000
@@ -98,17 +104,6 @@ def get_config() -> ml_collections.ConfigDict:
     return c
 
 
-def prompts_for(templates) -> tuple[list[str], np.ndarray]:
-    """Every template with every name of every class: (prompts, class of each prompt)."""
-    prompts, classes = [], []
-    for k, names in enumerate(CLASSES):
-        for t in templates:
-            for name in names:
-                prompts.append(t.format(name))
-                classes.append(k)
-    return prompts, np.asarray(classes, np.int32)
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     t0 = time.time()
     log = lambda msg: print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True)
@@ -121,18 +116,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     images = np.stack([np.asarray(e["image"], np.uint8) for e in examples])
     labels = np.asarray([e["label"] for e in examples], np.int32)
     log(f"loaded {n} training images {images.shape[1:]}")
-    prompts, prompt_class = prompts_for(TEMPLATES)
-    lr = latent_pipeline.train_latent(
-        config, workdir, images, labels, prompts, prompt_class, log=log
+    train_prompts, prompt_class = prompts.class_prompts(TEMPLATES, CLASSES)
+    latent_run = pipeline.train_latent(
+        config, workdir, images, labels, train_prompts, prompt_class, log=log
     )
-    heldout, _ = prompts_for(HELDOUT_TEMPLATES)
-    samples = latent_pipeline.sample_prompt_images(lr, config, prompts + heldout)
-    path = latent_pipeline.write_prompt_outputs(workdir, prompts + heldout, samples, prompt_class)
+    heldout, _ = prompts.class_prompts(HELDOUT_TEMPLATES, CLASSES)
+    all_prompts = train_prompts + heldout
+    samples = prompts.sample_prompt_images(config, latent_run, all_prompts)
+    path = prompts.write_prompt_outputs(workdir, all_prompts, samples, prompt_class)
     log(f"wrote {workdir}/prompts/*.png and {path}")
 
 
 def main(argv=None) -> None:
-    latent_pipeline.main(get_config, run, sys.argv if argv is None else argv)
+    cli.main(get_config, sys.argv if argv is None else argv, run_fn=run)
 
 
 if __name__ == "__main__":

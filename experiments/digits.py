@@ -18,10 +18,10 @@ The recipe, chosen for a CPU budget of a few minutes:
   2 (ε_c - ε_∅)); a 10x10 grid every 200 steps whose column j shows class j, and 1,000 samples
   (100 of each class) in ``samples.npz`` at the end.
 
-With these settings a CNN trained on the digits training split (``ddpm_jax.digits_classifier``)
-recognises the requested class of 99.7% of the guided samples (88% without guidance, scale 1);
-``python -m experiments.evaluate --workdir=DIR`` measures it. Flags: see ``ddpm_jax.cli``;
-re-running the same command resumes.
+With these settings a CNN trained on the digits training split
+(``ddpm_jax.evaluation.digits_classifier``) recognises the requested class of 99.7% of the guided
+samples (88% without guidance, scale 1); ``python -m experiments.evaluate --workdir=DIR`` measures
+it. Flags: see ``ddpm_jax.cli``; re-running the same command resumes.
 """
 
 from __future__ import annotations

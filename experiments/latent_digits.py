@@ -23,7 +23,6 @@ Usage: ``python -m experiments.latent_digits --workdir=/tmp/latent_digits [--con
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -33,29 +32,22 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ddpm_jax import cli, data, images
 from ddpm_jax import config as config_lib
-from ddpm_jax import data, latent, latent_pipeline
+from ddpm_jax.evaluation.digits_classifier import train_digits_classifier
+from ddpm_jax.latent import pipeline, prompts
 from ddpm_jax.models.autoencoder import AutoencoderKL
+from ddpm_jax.workdir import is_writer, write_json
 
-NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-TEMPLATES = ("a handwritten {name}", "the digit {name}", "the digit {digit}", "the number {name}")
-HELDOUT_TEMPLATES = ("the number {digit}", "a handwritten {digit}")
-
-
-def prompts_for(templates) -> tuple[list[str], np.ndarray]:
-    """Every template filled with every class: (prompts, class of each prompt)."""
-    prompts, classes = [], []
-    for k, name in enumerate(NAMES):
-        for t in templates:
-            prompts.append(t.format(name=name, digit=k))
-            classes.append(k)
-    return prompts, np.asarray(classes, np.int32)
+NAMES = tuple((name,) for name in ("zero one two three four five six seven eight nine".split()))
+TEMPLATES = ("a handwritten {name}", "the digit {name}", "the digit {index}", "the number {name}")
+HELDOUT_TEMPLATES = ("the number {index}", "a handwritten {index}")
 
 
 def get_config() -> ml_collections.ConfigDict:
     c = config_lib.default_config()
     c.data.name = "digits"  # not read: the latents are built by the experiment
-    c.latent = latent_pipeline.latent_config()
+    c.latent = config_lib.latent_config()
 
     c.latent.text_width = 32
     c.latent.text_depth = 1
@@ -68,7 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dropout = 0.0
     c.model.num_heads = 2
     c.model.num_groups = 8
-    c.model.class_conditional = True  # conditional on the prompt id (see ddpm_jax.latent)
+    c.model.class_conditional = True  # on the prompt id (see ddpm_jax.models.text.PromptUNet)
 
     c.diffusion.schedule = "cosine"
     c.diffusion.num_timesteps = 1000
@@ -100,27 +92,26 @@ def get_config() -> ml_collections.ConfigDict:
     return c
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
     """Trains (or resumes) and writes the per-prompt grids, ``samples.npz`` and metrics."""
-    from ddpm_jax.digits_classifier import train_digits_classifier
-
     t0 = time.time()
     log = lambda msg: print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
-    prompts, prompt_class = prompts_for(TEMPLATES)
+    train_prompts, prompt_class = prompts.class_prompts(TEMPLATES, NAMES)
     train_images, train_labels = data.digits_arrays("train")
-    lr = latent_pipeline.train_latent(
-        config, workdir, train_images, train_labels, prompts, prompt_class, log=log
+    latent_run = pipeline.train_latent(
+        config, workdir, train_images, train_labels, train_prompts, prompt_class, log=log
     )
     t_train = time.time() - t0
     size = config.latent.image_size
 
     # Held-out reconstruction error of the frozen autoencoder (images in [0, 1]).
     test_images, _ = data.digits_arrays("test")
-    x = latent.resize_images(test_images, size).astype(np.float32) / 127.5 - 1.0
+    x = images.resize(test_images, (size, size)).astype(np.float32) / 127.5 - 1.0
+    vae, vae_params = latent_run.vae, latent_run.vae_params
     recon = jax.jit(
-        lambda v: lr.vae.apply(
-            lr.vae_params,
-            lr.vae.apply(lr.vae_params, v, method=AutoencoderKL.encode)[0],
+        lambda v: vae.apply(
+            vae_params,
+            vae.apply(vae_params, v, method=AutoencoderKL.encode)[0],
             method=AutoencoderKL.decode,
         )
     )(x)
@@ -128,24 +119,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # Samples per prompt, with guidance, training prompts and held-out phrasings.
     s, n = config.sample, config.latent.samples_per_prompt
-    heldout, heldout_class = prompts_for(HELDOUT_TEMPLATES)
-    all_prompts = prompts + heldout
-    samples = latent_pipeline.sample_prompt_images(lr, config, all_prompts)
-    latent_pipeline.write_prompt_outputs(workdir, all_prompts, samples, prompt_class)
-    P = len(prompts)
+    heldout, heldout_class = prompts.class_prompts(HELDOUT_TEMPLATES, NAMES)
+    all_prompts = train_prompts + heldout
+    samples = prompts.sample_prompt_images(config, latent_run, all_prompts)
+    prompts.write_prompt_outputs(workdir, all_prompts, samples, prompt_class)
+    P = len(train_prompts)
     t_sample = time.time() - t0 - t_train
     log(f"wrote {len(all_prompts)} prompt grids and samples.npz ({P * n} samples)")
 
     # Class accuracy judged by a digits classifier on 8x8 downsampled samples.
     classifier = train_digits_classifier(config.seed)
-    small = latent.resize_images(samples.reshape(-1, size, size, samples.shape[-1]), 8)
+    small = images.resize(samples.reshape(-1, size, size, samples.shape[-1]), (8, 8))
     pred = classifier.predict(small).reshape(len(all_prompts), n)
     target = np.concatenate([prompt_class, heldout_class])[:, None]
     correct = pred == target
     metrics = {
         "vae_heldout_mae_01": mae,
-        "scale_factor": lr.scale_factor,
-        "train_steps": lr.result.step,
+        "scale_factor": latent_run.scale_factor,
+        "train_steps": latent_run.result.step,
         "guidance_scale": float(s.guidance_scale),
         "samples_per_prompt": n,
         "class_accuracy_train_prompts": float(correct[:P].mean()),
@@ -158,8 +149,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "sample_s": t_sample,
         "total_s": time.time() - t0,
     }
-    with open(os.path.join(workdir, "latent_metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
+    if is_writer():
+        write_json(os.path.join(workdir, "latent_metrics.json"), metrics)
     log(
         f"held-out VAE MAE {mae:.4f} (images in [0, 1]); class accuracy with guidance "
         f"{s.guidance_scale}: {metrics['class_accuracy_train_prompts']:.3f} (training prompts), "
@@ -168,8 +159,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return metrics
 
 
-def main(argv=None) -> None:
-    latent_pipeline.main(get_config, run, sys.argv if argv is None else argv)
+def main(argv=None) -> dict | None:
+    return cli.main(get_config, sys.argv if argv is None else argv, run_fn=run)
 
 
 if __name__ == "__main__":

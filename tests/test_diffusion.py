@@ -1,3 +1,4 @@
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,6 +7,9 @@ import pytest
 from ddpm_jax import diffusion, schedules
 
 SCHED = schedules.linear(100, 1e-3, 0.05)
+BETAS64 = np.linspace(1e-3, 0.05, 100)  # float64 copy of SCHED for the references
+AB64 = np.cumprod(1 - BETAS64)
+AB64_PREV = np.append(1.0, AB64[:-1])
 
 
 def test_q_sample_matches_running_the_one_step_chain():
@@ -161,3 +165,129 @@ def test_bad_prediction_and_variance():
         diffusion.p_mean_variance(SCHED, x, x, jnp.array([1]), prediction="score")
     with pytest.raises(ValueError, match="variance"):
         diffusion.p_mean_variance(SCHED, x, x, jnp.array([1]), variance="learned")
+
+
+# ------------------------------------------- closed forms, with and without jit (chex.variants)
+
+
+def _column(values, t, ndim):
+    """float64 ``values[t]`` shaped [B, 1, ..., 1] to broadcast against rank-``ndim`` data."""
+    return np.asarray(values)[np.asarray(t)].reshape((-1,) + (1,) * (ndim - 1))
+
+
+class ClosedFormsTest(chex.TestCase):
+    """Each function against its formula evaluated in float64 NumPy, eager and under jax.jit."""
+
+    T = jnp.array([0, 1, 37, 99], jnp.int32)
+
+    def _arrays(self, count, seed=0):
+        rng = np.random.default_rng(seed)
+        return [rng.standard_normal((4, 3, 2)) for _ in range(count)]
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_q_sample_is_eq_4(self):
+        x0, eps = self._arrays(2)
+        got = self.variant(diffusion.q_sample)(SCHED, jnp.float32(x0), self.T, jnp.float32(eps))
+        chex.assert_shape(got, x0.shape)
+        chex.assert_type(got, jnp.float32)
+        ab = _column(AB64, self.T, 3)
+        np.testing.assert_allclose(got, np.sqrt(ab) * x0 + np.sqrt(1 - ab) * eps, atol=2e-6)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_posterior_is_eq_7(self):
+        x0, xt = self._arrays(2, seed=1)
+        mean, var, log_var = self.variant(diffusion.q_posterior_mean_variance)(
+            SCHED, jnp.float32(x0), jnp.float32(xt), self.T
+        )
+        chex.assert_shape(mean, x0.shape)
+        chex.assert_shape([var, log_var], (4, 1, 1))
+        b, ab, ab_prev = (_column(v, self.T, 3) for v in (BETAS64, AB64, AB64_PREV))
+        want_mean = (
+            b * np.sqrt(ab_prev) / (1 - ab) * x0 + (1 - ab_prev) * np.sqrt(1 - b) / (1 - ab) * xt
+        )
+        want_var = b * (1 - ab_prev) / (1 - ab)
+        np.testing.assert_allclose(mean, want_mean, atol=2e-6)
+        np.testing.assert_allclose(var, want_var, rtol=1e-5, atol=1e-12)
+        # The clipped log-variance takes β̃_1 at t = 0 (where β̃_0 = 0).
+        var1 = BETAS64[1] * (1 - AB64[0]) / (1 - AB64[1])
+        want_log = np.log(np.where(np.asarray(self.T)[:, None, None] == 0, var1, want_var))
+        np.testing.assert_allclose(log_var, want_log, rtol=1e-5)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_parametrization_conversions_are_their_formulas(self):
+        a, b = self._arrays(2, seed=2)  # independent inputs: the formulas, not only round trips
+        ab = _column(AB64, self.T, 3)
+        sa, so = np.sqrt(ab), np.sqrt(1 - ab)
+        cases = {
+            diffusion.predict_x0_from_eps: (a - so * b) / sa,  # (x_t, eps)
+            diffusion.predict_eps_from_x0: (a - sa * b) / so,  # (x_t, x0)
+            diffusion.predict_v: sa * b - so * a,  # (x0, eps)
+            diffusion.predict_x0_from_v: sa * a - so * b,  # (x_t, v)
+            diffusion.predict_eps_from_v: so * a + sa * b,  # (x_t, v)
+        }
+        for fn, want in cases.items():
+            got = self.variant(fn)(SCHED, jnp.float32(a), self.T, jnp.float32(b))
+            chex.assert_shape(got, a.shape)
+            chex.assert_type(got, jnp.float32)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=fn.__name__)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_p_mean_variance_fixed_large_is_beta(self):
+        out, xt = self._arrays(2, seed=3)
+        fn = self.variant(diffusion.p_mean_variance, static_argnames=("prediction", "variance"))
+        got = fn(SCHED, jnp.float32(out), jnp.float32(xt), self.T, variance="fixed_large")
+        # β_t, with β̃_1 at t = 0 (Ho et al.'s code); the mean is Eq. 11 for ε-prediction.
+        var1 = BETAS64[1] * (1 - AB64[0]) / (1 - AB64[1])
+        b = _column(BETAS64, self.T, 3)
+        np.testing.assert_allclose(
+            got.variance, np.where(np.asarray(self.T)[:, None, None] == 0, var1, b), rtol=1e-5
+        )
+        ab = _column(AB64, self.T, 3)
+        eq11 = (xt - b / np.sqrt(1 - ab) * out) / np.sqrt(1 - b)
+        np.testing.assert_allclose(got.mean, eq11, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------- argument checks
+
+
+def test_wrong_timesteps_name_the_shape_received_and_expected():
+    x0 = jnp.zeros((8, 4))
+    with pytest.raises(
+        ValueError, match=r"q_sample: t must be int32 \[B\] = \(8,\), got float32 \(8, 1\)"
+    ):
+        diffusion.q_sample(SCHED, x0, jnp.zeros((8, 1)), x0)
+    with pytest.raises(ValueError, match=r"t must be int32 \[B\] = \(8,\), got int32 \(7,\)"):
+        diffusion.q_sample(SCHED, x0, jnp.zeros((7,), jnp.int32), x0)
+    with pytest.raises(ValueError, match=r"t must be int32 \[B\] = \(8,\), got int32 \(\)"):
+        diffusion.p_mean_variance(SCHED, x0, x0, jnp.int32(3))
+    with pytest.raises(ValueError, match=r"predict_x0_from_eps: t must be int32 .* got float32"):
+        diffusion.predict_x0_from_eps(SCHED, x0, jnp.zeros((8,)), x0)
+    # Static checks: the same message under jit (raised while tracing).
+    with pytest.raises(ValueError, match=r"q_sample: t must be int32 \[B\] = \(8,\)"):
+        jax.jit(diffusion.q_sample)(SCHED, x0, jnp.zeros((8, 1), jnp.int32), x0)
+
+
+def test_mismatched_data_names_the_argument_and_both_shapes():
+    x0, t = jnp.zeros((8, 4)), jnp.zeros((8,), jnp.int32)
+    with pytest.raises(
+        ValueError, match=r"q_sample: noise must have the shape of x0 \(8, 4\), got \(8, 3\)"
+    ):
+        diffusion.q_sample(SCHED, x0, t, jnp.zeros((8, 3)))
+    with pytest.raises(
+        ValueError, match=r"q_posterior_mean_variance: x0 must have the shape of x_t"
+    ):
+        diffusion.q_posterior_mean_variance(SCHED, x0[:, :2], x0, t)
+    with pytest.raises(
+        ValueError,
+        match=r"p_mean_variance: model_output must have the shape of x_t \(8, 4\), got \(8, 4, 1\)",
+    ):
+        diffusion.p_mean_variance(SCHED, x0[..., None], x0, t)
+    with pytest.raises(
+        ValueError,
+        match=r"x0 must be \[B, \.\.\.\] with at least one axis after the batch axis.*\(8,\)",
+    ):
+        diffusion.q_sample_with_key(SCHED, jax.random.PRNGKey(0), jnp.zeros((8,)), t)
+    with pytest.raises(ValueError, match=r"predict_v: x0 must be a float array, got uint8"):
+        diffusion.predict_v(SCHED, jnp.zeros((8, 4), jnp.uint8), t, x0)
+    with pytest.raises(ValueError, match=r"snr: t must be int32 \[B\], got int32 \(8, 1\)"):
+        diffusion.snr(SCHED, t[:, None])

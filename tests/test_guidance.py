@@ -180,3 +180,28 @@ def test_classifier_guidance_steers_into_the_requested_component():
     # Measured (20k samples): fractions 0.24, 0.948, 0.9993, 1.0; std 1.02, 0.61, 0.47, 0.37.
     assert fracs[0] < fracs[1] < fracs[2] <= fracs[3] and fracs[2] > 0.99, fracs
     assert stds[0] > stds[1] > stds[2] > stds[3], stds
+
+
+def test_wrapper_argument_errors_name_the_problem():
+    """Shape mistakes raise ValueError when the guided function is called (while tracing)."""
+    cfg = guidance.classifier_free(class_eps, 2.0, null_label=2)
+    x, t, y = jnp.zeros((4, 1)), jnp.zeros((4,), jnp.int32), jnp.zeros((4,), jnp.int32)
+    with pytest.raises(ValueError, match=r"classifier_free: t must be \[B\] = \(4,\) or a scalar"):
+        cfg(x, t[:3], y=y)
+    with pytest.raises(ValueError, match=r"conditioning 'y' must be \[B, \.\.\.\] with B = 4"):
+        cfg(x, t, y=y[:2])
+    with pytest.raises(ValueError, match=r"classifier_free: x_t must be \[B, \.\.\.\]"):
+        cfg(jnp.zeros((4,)), t, y=y)
+    ctx_cfg = guidance.classifier_free(
+        lambda x, t, context: x, 2.0, null_cond={"context": jnp.zeros((3, 5))}
+    )
+    with pytest.raises(ValueError, match=r"null value of 'context', shape \(3, 5\), does not"):
+        ctx_cfg(x, t, context=jnp.zeros((4, 2, 8)))
+    clf = guidance.classifier(mixture_eps, class_log_prob, 1.0, SCHED)
+    with pytest.raises(
+        ValueError, match=r"classifier: t must be int32 \[B\] = \(4,\), got float32"
+    ):
+        clf(x, jnp.zeros((4,)), y=y)
+    wrong = guidance.classifier(lambda x, t, **_: x[:, None], class_log_prob, 1.0, SCHED)
+    with pytest.raises(ValueError, match=r"must return an array shaped like x_t \(4, 1\)"):
+        wrong(x, t, y=y)

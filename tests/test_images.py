@@ -65,3 +65,15 @@ def test_save_png_grid_roundtrip_atomic(tmp_path, channels, mode):
     im.save_png_grid(path, imgs[:1], ncols=1)  # overwrites in place
     with Image.open(path) as f:
         assert f.size == (8, 7)
+
+
+def test_resize_of_one_image_and_of_a_batch():
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, 256, (3, 8, 8, 1), dtype=np.uint8)
+    up = im.resize(batch, (16, 16))
+    assert up.shape == (3, 16, 16, 1) and up.dtype == np.uint8
+    np.testing.assert_array_equal(up[1], im.resize(batch[1], (16, 16)))
+    flat = np.full((8, 8, 3), 77, np.uint8)
+    np.testing.assert_array_equal(im.resize(flat, (4, 6)), np.full((4, 6, 3), 77))
+    with pytest.raises(ValueError, match="uint8"):
+        im.resize(batch.astype(np.float32), (4, 4))

@@ -1,22 +1,22 @@
-"""Tests of the FID Inception in Flax, its torch-compatible resize, and the safe `.pth` reader.
+"""Tests of the FID Inception in Flax (ddpm_jax.models.inception) and its torch-compatible resize.
 
 The comparisons with torch build `tests/reference_inception_torch.py` (pytorch-fid's network)
 with random weights; they skip when torch is not installed. With the real weights file at
-$DDPM_JAX_FID_WEIGHTS, one more test checks them end to end.
+$DDPM_JAX_FID_WEIGHTS, one more test checks them end to end. The weights file itself (reading,
+conversion, download) is tested in test_weights_fid_inception.py, the `.pth` reader in
+test_weights_pth.py.
 """
 
 import os
-import pickle
-import struct
-import zipfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import metrics, pth
 from ddpm_jax.models import inception
+from ddpm_jax.weights import pth
+from ddpm_jax.weights.fid_inception import inception_from_pth, variables_from_torch
 
 # --- resize ---------------------------------------------------------------------------------
 
@@ -47,75 +47,6 @@ def test_resize_bilinear_matches_torch(in_hw, out_hw):
     np.testing.assert_allclose(np.asarray(got), ref.numpy(), atol=2e-6)
 
 
-# --- the safe .pth reader -------------------------------------------------------------------
-
-
-class _Evil:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-def _legacy_stream(obj_pickle: bytes) -> bytes:
-    head = b"".join(
-        pickle.dumps(v, protocol=2)
-        for v in (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": True})
-    )
-    return head + obj_pickle + pickle.dumps([], protocol=2)
-
-
-@pytest.mark.parametrize("fmt", ["zip", "legacy"])
-def test_load_pth_refuses_arbitrary_globals(tmp_path, fmt):
-    marker = tmp_path / "pwned"
-    payload = pickle.dumps({"weight": _Evil(marker)}, protocol=2)
-    path = tmp_path / "evil.pth"
-    if fmt == "zip":
-        with zipfile.ZipFile(path, "w") as z:
-            z.writestr("archive/data.pkl", payload)
-    else:
-        path.write_bytes(_legacy_stream(payload))
-    with pytest.raises(pth.UnsafePickleError, match="posix.system|os.system"):
-        pth.load_pth(str(path))
-    assert not marker.exists()
-
-
-def test_load_pth_rejects_non_torch_file(tmp_path):
-    path = tmp_path / "plain.pkl"
-    path.write_bytes(pickle.dumps({"a": 1}))
-    with pytest.raises(pickle.UnpicklingError, match="magic number"):
-        pth.load_pth(str(path))
-
-
-@pytest.mark.parametrize("zip_format", [True, False])
-def test_load_pth_matches_torch_load(tmp_path, zip_format):
-    torch = pytest.importorskip("torch")
-    gen = torch.Generator().manual_seed(0)
-    base = torch.randn(5, 6, generator=gen)
-    state = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).state_dict()
-    state.update(
-        transposed=base.t(),  # non-contiguous
-        row_view=base[2],  # storage offset into a shared storage
-        shared=base,
-        half=torch.randn(3, generator=gen).half(),
-        double=torch.randn(2, 2, generator=gen).double(),
-        ints=torch.arange(7, dtype=torch.int32)[2:],
-        flags=torch.tensor([True, False]),
-        scalar=torch.tensor(2.5),
-        empty=torch.zeros(0, 3),
-    )
-    path = tmp_path / "state.pth"
-    torch.save(state, path, _use_new_zipfile_serialization=zip_format)
-    ours = pth.load_pth(str(path))
-    theirs = torch.load(path, weights_only=True)
-    assert list(ours) == list(theirs)
-    assert ours._metadata == theirs._metadata
-    for key, value in theirs.items():
-        assert ours[key].dtype == value.numpy().dtype, key
-        np.testing.assert_array_equal(ours[key], value.numpy(), err_msg=key)
-
-
 # --- the Flax network against the torch reference -------------------------------------------
 
 
@@ -135,7 +66,7 @@ def torch_reference(tmp_path_factory):
     assert list(from_legacy) == list(from_zip) == list(model.state_dict())
     for key in from_legacy:
         np.testing.assert_array_equal(from_legacy[key], from_zip[key])
-    features_fn = metrics.inception_from_pth(str(legacy), batch_size=2, with_logits=True)
+    features_fn = inception_from_pth(str(legacy), batch_size=2, with_logits=True)
     return model, features_fn
 
 
@@ -183,7 +114,7 @@ def test_matches_pytorch_fid_directly(tmp_path, monkeypatch):
     monkeypatch.setattr(pytorch_fid_inception, "load_state_dict_from_url", lambda *a, **k: state)
     model = pytorch_fid_inception.InceptionV3([3]).eval()
     torch.save(state, tmp_path / "w.pth", _use_new_zipfile_serialization=False)
-    features_fn = metrics.inception_from_pth(str(tmp_path / "w.pth"), batch_size=2)
+    features_fn = inception_from_pth(str(tmp_path / "w.pth"), batch_size=2)
     images = np.random.default_rng(2).integers(0, 256, (2, 48, 48, 3), dtype=np.uint8)
     with torch.no_grad():
         (theirs,) = model(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0)
@@ -195,7 +126,7 @@ def test_matches_pytorch_fid_directly(tmp_path, monkeypatch):
 )
 def test_real_fid_weights():
     path = os.environ["DDPM_JAX_FID_WEIGHTS"]
-    features_fn = metrics.inception_from_pth(path, batch_size=2)
+    features_fn = inception_from_pth(path, batch_size=2)
     images = np.random.default_rng(3).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     features = features_fn(images)
     assert features.shape == (2, 2048) and np.all(np.isfinite(features))
@@ -238,7 +169,7 @@ def test_features_known_answer_with_zero_conv_kernels(tmp_path):
     # the pool features are Mixed_7c's branch outputs in concatenation order.
     state = _zero_conv_state_dict(np.random.default_rng(0))
     features_fn = inception.make_features_fn(
-        inception.variables_from_torch(state), batch_size=2, with_logits=True
+        variables_from_torch(state), batch_size=2, with_logits=True
     )
     images = np.random.default_rng(1).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
     pool, logits = features_fn(images)
@@ -255,19 +186,3 @@ def test_features_known_answer_with_zero_conv_kernels(tmp_path):
     np.testing.assert_allclose(pool, np.tile(expected, (3, 1)), rtol=1e-5, atol=1e-6)
     expected_logits = expected @ state["fc.weight"].T + state["fc.bias"]
     np.testing.assert_allclose(logits, np.tile(expected_logits, (3, 1)), rtol=1e-4, atol=1e-4)
-
-
-# --- weights conversion and download --------------------------------------------------------
-
-
-def test_variables_from_torch_rejects_a_mismatched_state_dict():
-    with pytest.raises(ValueError, match="missing .*unexpected \\['foo.bar'\\]"):
-        inception.variables_from_torch({"foo.bar": np.zeros(3, np.float32)})
-    with pytest.raises(ValueError, match="wrong shapes"):
-        inception.variables_from_torch({"fc.weight": np.zeros((10, 2048), np.float32)})
-
-
-def test_download_fid_weights_uses_the_cached_file(tmp_path):
-    cached = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
-    cached.write_bytes(struct.pack("<q", 0))
-    assert metrics.download_fid_weights(str(tmp_path)) == str(cached)

@@ -1,6 +1,9 @@
-"""Latent diffusion orchestration: frozen VAE, latent scaling, prompt-conditioned UNet."""
+"""Latent diffusion (``ddpm_jax.latent``): frozen VAE, latent scaling, the prompt-conditioned UNet
+(``ddpm_jax.models.text.PromptUNet``), sampling from prompts and the latent experiments' CLI."""
 
 from __future__ import annotations
+
+import json
 
 import jax
 import jax.numpy as jnp
@@ -8,10 +11,11 @@ import numpy as np
 import optax
 import pytest
 
-from ddpm_jax import data, guidance, latent, samplers, schedules, train
+from ddpm_jax import builders, data, generate, guidance, images, samplers, schedules
 from ddpm_jax import state as state_lib
+from ddpm_jax.latent import frozen_vae, prompts
 from ddpm_jax.models.autoencoder import AutoencoderKL
-from ddpm_jax.models.text import PAD_ID, TextEncoder, Tokenizer
+from ddpm_jax.models.text import PAD_ID, PromptUNet, TextEncoder, Tokenizer, prompt_table
 from ddpm_jax.models.unet import UNet
 
 PROMPTS = ["a handwritten zero", "the digit 0", "a handwritten one", "the digit 1"]
@@ -31,7 +35,7 @@ def _vae():
 
 def _digits32(n=12):
     imgs, labels = data.digits_arrays("train")
-    return latent.resize_images(imgs[:n], 32), labels[:n]
+    return images.resize(imgs[:n], (32, 32)), labels[:n]
 
 
 def _model(tokenizer):
@@ -45,9 +49,7 @@ def _model(tokenizer):
         num_groups=4,
     )
     text = TextEncoder(vocab_size=tokenizer.vocab_size, max_length=4, width=8, depth=1, num_heads=2)
-    return latent.PromptUNet(
-        unet=unet, text=text, prompt_tokens=latent.prompt_table(tokenizer, PROMPTS)
-    )
+    return PromptUNet(unet=unet, text=text, prompt_tokens=prompt_table(tokenizer, PROMPTS))
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +79,7 @@ def model_setup():
 
 def test_latent_shapes_and_scale_factor(vae_setup):
     vae, params, x, _ = vae_setup
-    latents, scale = latent.encode_latents(vae, params, x, batch_size=5)
+    latents, scale = frozen_vae.encode_latents(vae, params, x, batch_size=5)
     assert latents.shape == (len(x), 8, 8, 4) and latents.dtype == np.float32
     mean, _ = jax.jit(lambda v: vae.apply(params, v, method=AutoencoderKL.encode))(x)
     mean = np.asarray(mean, np.float64)
@@ -85,10 +87,10 @@ def test_latent_shapes_and_scale_factor(vae_setup):
     np.testing.assert_allclose(latents, mean * scale, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(latents.std(), 1.0, rtol=1e-4)
     # A given scale factor is used as is; the decoder inverts the scaling.
-    latents2, scale2 = latent.encode_latents(vae, params, x, scale_factor=2.0)
+    latents2, scale2 = frozen_vae.encode_latents(vae, params, x, scale_factor=2.0)
     assert scale2 == 2.0
     np.testing.assert_allclose(latents2, mean * 2.0, rtol=1e-5, atol=1e-6)
-    decode = latent.make_decode_fn(vae, params, scale)
+    decode = frozen_vae.make_decode_fn(vae, params, scale)
     direct = jax.jit(lambda z: vae.apply(params, z, method=AutoencoderKL.decode))(
         jnp.asarray(mean, jnp.float32)
     )
@@ -97,7 +99,7 @@ def test_latent_shapes_and_scale_factor(vae_setup):
 
 def test_null_prompt_is_the_empty_prompt(model_setup):
     tok, model, variables = model_setup
-    assert model.num_classes == len(PROMPTS)
+    assert model.num_prompts == model.null_label == len(PROMPTS)
     table = np.asarray(model.prompt_tokens)
     assert table.shape == (len(PROMPTS) + 1, 4)
     np.testing.assert_array_equal(table[-1], PAD_ID)
@@ -108,7 +110,7 @@ def test_null_prompt_is_the_empty_prompt(model_setup):
     t = jnp.array([10, 500])
     out_ids = jax.jit(model.apply)(variables, x, t, y)
     empty_and_prompt = tok.encode(["", PROMPTS[2]])[0]
-    from_tokens = jax.jit(lambda *a: model.apply(*a, method=latent.PromptUNet.from_tokens))
+    from_tokens = jax.jit(lambda *a: model.apply(*a, method=PromptUNet.from_tokens))
     out_tokens = from_tokens(variables, x, t, empty_and_prompt)
     np.testing.assert_allclose(out_ids, out_tokens, rtol=1e-5, atol=1e-6)
 
@@ -123,7 +125,7 @@ def test_changing_the_prompt_changes_the_output(model_setup):
             assert np.abs(out[i] - out[j]).max() > 1e-3, (i, j)
     # A new phrasing of known words is a different prompt too; the same prompt is deterministic.
     new = tok.encode(["the digit zero", "the digit zero"])[0]
-    from_tokens = jax.jit(lambda *a: model.apply(*a, method=latent.PromptUNet.from_tokens))
+    from_tokens = jax.jit(lambda *a: model.apply(*a, method=PromptUNet.from_tokens))
     out_new = np.asarray(from_tokens(variables, x[:2], t[:2], new))
     np.testing.assert_array_equal(out_new[0], out_new[1])
     assert np.abs(out_new[0] - out[0]).max() > 1e-3
@@ -132,14 +134,14 @@ def test_changing_the_prompt_changes_the_output(model_setup):
 def test_prompt_table_rejects_prompts_that_encode_to_nothing():
     tok = Tokenizer.from_prompts(PROMPTS, max_length=4)
     with pytest.raises(ValueError, match="empty prompt"):
-        latent.prompt_table(tok, ["a handwritten zero", "!!"])
+        prompt_table(tok, ["a handwritten zero", "!!"])
 
 
 def test_frozen_vae_receives_no_updates(vae_setup, model_setup):
     vae, vae_params, x, labels = vae_setup
     _, model, variables = model_setup
     before = jax.tree.map(lambda a: np.array(a, copy=True), vae_params)
-    latents, scale = latent.encode_latents(vae, vae_params, x)
+    latents, scale = frozen_vae.encode_latents(vae, vae_params, x)
     prompt_ids = np.array([2 * (c % 2) + (i % 2) for i, c in enumerate(labels)], np.int32)
     optimizer = optax.adam(1e-2)
     state = state_lib.create_train_state(variables, optimizer)
@@ -152,7 +154,7 @@ def test_frozen_vae_receives_no_updates(vae_setup, model_setup):
         global_batch_size=len(latents),
         axis_name="data",
         p_uncond=0.25,
-        num_classes=model.num_classes,
+        null_label=model.null_label,
     )
     step = jax.jit(jax.vmap(step_fn, axis_name="data"))
     stacked = jax.tree.map(lambda a: a[None], state)
@@ -161,7 +163,7 @@ def test_frozen_vae_receives_no_updates(vae_setup, model_setup):
         "label": prompt_ids[None],
         "index": np.arange(len(latents), dtype=np.int32)[None],
     }
-    decode = jax.jit(latent.make_decode_fn(vae, vae_params, scale))
+    decode = jax.jit(frozen_vae.make_decode_fn(vae, vae_params, scale))
     for _ in range(3):
         stacked, metrics = step(stacked, batch)
         decode(latents[:2])  # sampling-time decoding between steps uses the VAE read-only
@@ -175,49 +177,18 @@ def test_frozen_vae_receives_no_updates(vae_setup, model_setup):
     same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), b), vae_params, before)
     assert all(jax.tree.leaves(same))
     # Gradients cannot reach the VAE through the decoder used at sampling time.
-    loss = lambda p: jnp.sum(latent.make_decode_fn(vae, p, scale)(latents[:2]))
+    loss = lambda p: jnp.sum(frozen_vae.make_decode_fn(vae, p, scale)(latents[:2]))
     g = jax.jit(jax.grad(loss))(vae_params)
     assert all(float(jnp.abs(a).max()) == 0.0 for a in jax.tree.leaves(g))
-
-
-def test_latent_dataset_is_deterministic_and_epoch_complete():
-    latents = np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1) * np.ones(
-        (1, 2, 2, 3), np.float32
-    )
-    labels = np.arange(10, dtype=np.int32) % 3
-    ds = latent.LatentDataset(latents, labels, num_classes=3, global_batch_size=4, seed=1)
-    assert ds.image_shape == (2, 2, 3) and ds.local_batch_size == 4
-    flat = np.concatenate([ds.batch(s)["image"][:, 0, 0, 0] for s in range(5)])
-    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) != list(flat[:10])
-    it = ds.iterator(2)
-    for s in (2, 3, 4):
-        b = next(it)
-        np.testing.assert_array_equal(b["image"], ds.batch(s)["image"])
-        np.testing.assert_array_equal(b["label"], b["image"][:, 0, 0, 0].astype(int) % 3)
-    halves = [
-        latent.LatentDataset(
-            latents,
-            labels,
-            num_classes=3,
-            global_batch_size=4,
-            seed=1,
-            process_index=p,
-            process_count=2,
-        ).batch(3)["image"]
-        for p in range(2)
-    ]
-    np.testing.assert_array_equal(np.concatenate(halves), ds.batch(3)["image"])
-    with pytest.raises(ValueError, match="num_classes"):
-        latent.LatentDataset(latents, labels, num_classes=2, global_batch_size=4, seed=0)
 
 
 def test_sample_from_tokens_decodes_to_images(vae_setup, model_setup):
     vae, vae_params, x, _ = vae_setup
     tok, model, variables = model_setup
-    decode = latent.make_decode_fn(vae, vae_params, 1.5)
+    decode = frozen_vae.make_decode_fn(vae, vae_params, 1.5)
     tokens = tok.encode(["the digit 1", "a handwritten seven"])[0]  # "seven" is unknown
     imgs = jax.jit(
-        lambda v, tk: latent.sample_from_tokens(
+        lambda v, tk: prompts.sample_from_tokens(
             model,
             v,
             schedules.get("cosine", 100),
@@ -247,7 +218,7 @@ def test_latent_digits_sampling_recipe_tolerates_an_imperfect_network(delta):
 
     config = latent_digits.get_config()
     s, d = config.sample, config.diffusion
-    schedule = train.build_schedule(config)
+    schedule = builders.build_schedule(config)
     shape = (256, 8, 8, 4)
     errors = delta * jax.random.normal(jax.random.key(1), (2, *shape[1:]))
 
@@ -291,3 +262,85 @@ def test_latent_cli_reports_a_bad_config_in_one_line(tmp_path, capsys, flag, fie
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and field in err[0], err
     assert not (tmp_path / "run").exists()  # nothing was started
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _tiny_latent_flags(workdir):
+    return [
+        "latent_digits",
+        f"--workdir={workdir}",
+        "--config.latent.image_size=16",
+        "--config.latent.vae_block_out_channels=(8,8)",
+        "--config.latent.vae_norm_num_groups=4",
+        "--config.latent.vae_steps=10",
+        "--config.latent.vae_batch_size=16",
+        "--config.latent.text_width=8",
+        "--config.latent.text_num_heads=2",
+        "--config.latent.samples_per_prompt=2",
+        "--config.model.ch=8",
+        "--config.model.ch_mult=(1,)",
+        "--config.model.attn_resolutions=()",
+        "--config.model.num_groups=4",
+        "--config.train.num_steps=4",
+        "--config.train.batch_size=16",
+        "--config.train.log_every=1",
+        "--config.train.checkpoint_every=2",
+        "--config.train.steps_per_call=2",
+        "--config.sample.num_steps=3",
+    ]
+
+
+@pytest.fixture(scope="module")
+def latent_run(tmp_path_factory):
+    from experiments import latent_digits
+
+    workdir = tmp_path_factory.mktemp("latent") / "run"
+    metrics = latent_digits.main(_tiny_latent_flags(workdir))
+    return workdir, metrics
+
+
+def test_latent_digits_end_to_end(latent_run):
+    """The whole experiment on a tiny configuration: VAE phase, encoding, diffusion phase, prompt
+    samples and every output file."""
+    from experiments import latent_digits
+
+    workdir, metrics = latent_run
+    info = json.loads((workdir / "latent.json").read_text())
+    train_prompts, prompt_class = prompts.class_prompts(
+        latent_digits.TEMPLATES, latent_digits.NAMES
+    )
+    assert info["prompts"] == train_prompts and info["prompt_classes"] == prompt_class.tolist()
+    assert info["image_shape"] == [16, 16, 1] and info["latent_shape"] == [8, 8, 4]
+    assert (workdir / "vae.msgpack").exists()
+    with np.load(workdir / "samples.npz") as f:
+        assert f["images"].shape == (2 * len(train_prompts), 16, 16, 1)
+        np.testing.assert_array_equal(f["labels"], np.repeat(prompt_class, 2))
+    heldout, _ = prompts.class_prompts(latent_digits.HELDOUT_TEMPLATES, latent_digits.NAMES)
+    assert len(list((workdir / "prompts").iterdir())) == len(train_prompts) + len(heldout)
+    saved = json.loads((workdir / "latent_metrics.json").read_text())
+    assert saved["train_steps"] == 4 and 0 <= saved["class_accuracy_train_prompts"] <= 1
+    assert metrics["train_steps"] == 4
+
+
+def test_latent_run_resumes_with_the_trained_vae_and_loads_for_sampling(latent_run, capsys):
+    from experiments import latent_digits
+
+    workdir, _ = latent_run
+    before = (workdir / "vae.msgpack").read_bytes()
+    with np.load(workdir / "samples.npz") as f:
+        first = f["images"]
+    latent_digits.main(_tiny_latent_flags(workdir))
+    out = capsys.readouterr().out
+    assert "loaded the frozen autoencoder" in out and "training already finished" in out
+    assert (workdir / "vae.msgpack").read_bytes() == before
+    with np.load(workdir / "samples.npz") as f:
+        np.testing.assert_array_equal(f["images"], first)
+
+    run = generate.load_run(workdir)  # from config.json, latent.json and vae.msgpack alone
+    assert run.step == 4 and run.image_shape == (8, 8, 4) and run.decode_fn is not None
+    imgs, labels = run.generator(num_steps=3, batch_size=8)(run.ema_params, jax.random.key(0), 4)
+    assert imgs.shape == (4, 16, 16, 1) and imgs.dtype == np.uint8
+    info = json.loads((workdir / "latent.json").read_text())
+    np.testing.assert_array_equal(run.classes_of(labels), np.asarray(info["prompt_classes"])[:4])

@@ -1,3 +1,4 @@
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,3 +109,56 @@ def test_bad_arguments():
         losses.diffusion_loss(fn, SCHED, x0, t, x0, weighting="p2")
     with pytest.raises(ValueError, match="reduction"):
         losses.diffusion_loss(fn, SCHED, x0, t, x0, reduction="sum")
+
+
+class LossClosedFormTest(chex.TestCase):
+    """diffusion_loss of a linear model against float64 NumPy, eager and under jax.jit."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_linear_model_loss_equals_float64_reference(self):
+        rng = np.random.default_rng(0)
+        x0, noise = rng.uniform(-1, 1, (6, 2, 3)), rng.standard_normal((6, 2, 3))
+        t = np.array([0, 3, 10, 25, 40, 49])
+        # ᾱ of SCHED = cosine(50) in float64 (Nichol & Dhariwal Eq. 17, β clipped at 0.999).
+        f = np.cos((np.arange(51) / 50 + 0.008) / 1.008 * np.pi / 2) ** 2
+        ab = np.cumprod(1 - np.minimum(1 - f[1:] / f[:-1], 0.999))[t][:, None, None]
+        x_t = np.sqrt(ab) * x0 + np.sqrt(1 - ab) * noise
+        snr = (ab / (1 - ab))[:, 0, 0]
+        clipped = np.minimum(snr, 5.0)  # Min-SNR-γ, γ = 5
+        targets = {"eps": noise, "x0": x0, "v": np.sqrt(ab) * noise - np.sqrt(1 - ab) * x0}
+        weights = {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}
+        for prediction in ("eps", "x0", "v"):
+            sq = (0.5 * x_t - targets[prediction]) ** 2
+            want = weights[prediction] * np.mean(sq, axis=(1, 2))
+
+            def loss(x0, t, noise, p=prediction):
+                return losses.diffusion_loss(
+                    lambda x_t, t: 0.5 * x_t, SCHED, x0, t, noise, prediction=p,
+                    weighting="min_snr", reduction="none",
+                )  # fmt: skip
+
+            got = self.variant(loss)(jnp.float32(x0), jnp.int32(t), jnp.float32(noise))
+            chex.assert_shape(got, (6,))
+            chex.assert_type(got, jnp.float32)
+            np.testing.assert_allclose(got, want, rtol=2e-5, err_msg=prediction)
+
+
+def test_wrong_shapes_give_clear_errors():
+    x0, t = jnp.zeros((8, 4)), jnp.zeros((8,), jnp.int32)
+    fn = lambda x, t: x
+    with pytest.raises(
+        ValueError, match=r"diffusion_loss: t must be int32 \[B\] = \(8,\), got float32 \(8, 1\)"
+    ):
+        losses.diffusion_loss(fn, SCHED, x0, jnp.zeros((8, 1)), x0)
+    with pytest.raises(
+        ValueError, match=r"diffusion_loss: noise must have the shape of x0 \(8, 4\), got \(4, 8\)"
+    ):
+        losses.diffusion_loss(fn, SCHED, x0, t, x0.T)
+    with pytest.raises(
+        ValueError, match=r"model_fn\(x_t, t\) must return .* \(8, 4\), got \(8, 1\)"
+    ):
+        losses.diffusion_loss(lambda x, t: x[:, :1], SCHED, x0, t, x0)
+    with pytest.raises(ValueError, match=r"sample_timesteps_and_noise: x0 must be \[B, \.\.\.\]"):
+        losses.sample_timesteps_and_noise(jax.random.PRNGKey(0), jnp.zeros((8,)), 50)
+    with pytest.raises(ValueError, match=r"loss_weights: t must be int32 \[B\], got float32"):
+        losses.loss_weights(SCHED, jnp.zeros((8,)), "eps", "min_snr")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from ddpm_jax import schedules
-from ddpm_jax.samplers import DEFAULT_SPACINGS, METHODS, SPACINGS, sample, timesteps
+from ddpm_jax.samplers import DEFAULT_SPACINGS, METHODS, SPACINGS, plan, sample, step, timesteps
 
 SCHED = schedules.linear(1000)
 # The documented way to run a sampler: under jax.jit, one compile per static configuration.
@@ -475,3 +475,48 @@ def test_validation_errors_name_the_argument():
             call(**kw)
     with pytest.raises(ValueError, match="timestep_spacing"):
         timesteps(SCHED, 10, "cosine")
+
+
+class StepTest(chex.TestCase):
+    """One scan step against its update rule in float64 NumPy, eager and under jax.jit."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_one_step_equals_float64_update_rule(self):
+        x = jax.random.normal(jax.random.PRNGKey(20), (5, 4))
+        x64 = np.asarray(x, np.float64)
+        for method in ("ddim", "ddpm"):
+            p = plan(SCHED, jax.random.PRNGKey(21), (5, 4), method=method, num_steps=10)
+            xs_i = {k: v[3] for k, v in p.xs.items()}  # the step 600 -> 500 of the uniform grid
+            t, s = int(xs_i["t"]), int(xs_i["s"])
+            assert (t, s) == (600, 500)
+            run = self.variant(
+                lambda carry, xs_i, m=method: step(gaussian_eps, SCHED, carry, xs_i, method=m)
+            )
+            (carry_x, _), x_s = run((x, None), xs_i)
+            chex.assert_shape(x_s, (5, 4))
+            chex.assert_type(x_s, jnp.float32)
+            np.testing.assert_array_equal(carry_x, x_s)
+            a_t, a_s = AB[t], AB[s]
+            x0 = MU + np.sqrt(a_t) * SD**2 * (x64 - np.sqrt(a_t) * MU) / (a_t * SD**2 + 1 - a_t)
+            eps = (x64 - np.sqrt(a_t) * x0) / np.sqrt(1 - a_t)
+            if method == "ddim":  # Song et al. Eq. 12 with η = 0
+                want = np.sqrt(a_s) * x0 + np.sqrt(1 - a_s) * eps
+            else:  # Ho et al. Eq. 7 with the respaced β = 1 - ᾱ_t / ᾱ_s, plus σ z
+                beta = 1 - a_t / a_s
+                z = np.asarray(jax.random.normal(xs_i["key"], (5, 4)), np.float64)
+                mean = (beta * np.sqrt(a_s) * x0 + (1 - a_s) * np.sqrt(1 - beta) * x64) / (1 - a_t)
+                want = mean + np.sqrt(beta * (1 - a_s) / (1 - a_t)) * z
+            np.testing.assert_allclose(x_s, want, rtol=1e-4, atol=1e-4, err_msg=method)
+
+
+def test_wrong_model_output_and_data_shapes_give_clear_errors():
+    key = jax.random.PRNGKey(0)
+    with pytest.raises(
+        ValueError,
+        match=r"model_fn\(x_t, t\) must return an array shaped like x_t \(2, 4\), got \(2, 1\)",
+    ):
+        sample(lambda x, t: x[:, :1], SCHED, key, (2, 4), num_steps=3)
+    with pytest.raises(
+        ValueError, match=r"shape must be .* at least one axis after the batch axis"
+    ):
+        sample(gaussian_eps, SCHED, key, (4,), num_steps=3)

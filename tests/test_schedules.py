@@ -107,3 +107,13 @@ def test_validation_errors():
         schedules.get("quadratic")
     with pytest.raises(ValueError, match="start < end"):
         schedules.sigmoid(10, start=3, end=-3)
+
+
+def test_get_builds_every_name_and_lists_them_when_unknown():
+    assert schedules.NAMES == ("linear", "cosine", "sigmoid")
+    for name in schedules.NAMES:
+        sched = schedules.get(name, 20)
+        want = getattr(schedules, name)(20)
+        np.testing.assert_array_equal(sched.alpha_bars, want.alpha_bars)
+    with pytest.raises(ValueError, match=r"expected one of \('linear', 'cosine', 'sigmoid'\)"):
+        schedules.get("quadratic")

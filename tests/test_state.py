@@ -122,7 +122,7 @@ def test_train_step_equals_direct_global_batch_computation():
         schedule,
         opt,
         lr_schedule=st.learning_rate_schedule(1e-2, 2),
-        num_classes=NUM_CLASSES,
+        null_label=NUM_CLASSES,
         **kw,
     )
     per_device = lambda a: a.reshape(D, B // D, *a.shape[1:])

@@ -1,10 +1,10 @@
-"""Tests for ddpm_jax.models.unet / layers: the DDPM UNet.
+"""Tests for ddpm_jax.models.unet: the DDPM UNet.
 
-Known answers: the exact CIFAR-10 parameter count of Ho et al.; a float64 NumPy timestep
-embedding; exact identity-at-init from the zero-initialised last layers; and, when torch and
-diffusers are installed, numerical equality with diffusers' ``UNet2DModel`` (additive and
-scale-shift residual blocks, class embedding, multi-head attention) and ``Transformer2DModel``
-(the spatial-transformer block) after converting their weights.
+Known answers: the exact CIFAR-10 parameter count of Ho et al.; exact identity-at-init from the
+zero-initialised last layers; and, when torch and diffusers are installed, numerical equality with
+diffusers' ``UNet2DModel`` (additive and scale-shift residual blocks, class embedding, multi-head
+attention) and ``Transformer2DModel`` (the spatial-transformer block of layers.py, here because it
+shares the weight conversion) after converting their weights.
 
 Several tests perturb the parameters first: the zero-initialised last convolutions make the
 network output exactly zero at initialisation (and every residual block the identity on its
@@ -12,7 +12,6 @@ shortcut), so no input -- t, y, context -- could change anything until those wei
 """
 
 import functools
-import math
 import re
 
 import flax.linen as nn
@@ -21,17 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax.models.layers import (
-    Dropout,
-    GroupNorm,
-    ResBlock,
-    SpatialTransformer,
-    conv2d,
-    group_norm,
-    random_bits,
-    timestep_embedding,
-    upsample_conv,
-)
+from ddpm_jax.models.attention import SpatialTransformer
+from ddpm_jax.models.layers import ResBlock
 from ddpm_jax.models.unet import CIFAR10_DDPM, UNet, cifar10_ddpm
 
 # Tests compile many small programs; XLA's LLVM optimisation level 0 halves compile time on CPU
@@ -104,124 +94,6 @@ def test_cifar10_config_has_exactly_35_746_307_params():
     shapes = jax.eval_shape(cifar10_ddpm(num_classes=10).init, jax.random.key(0), x, t, y)
     assert shapes["params"]["label_emb"]["embedding"].shape == (11, 512)
     assert sum(p.size for p in jax.tree.leaves(shapes)) == 35_746_307 + 11 * 512
-
-
-def test_timestep_embedding_matches_float64_reference():
-    t = np.array([0, 1, 17, 999], np.int32)
-    for dim in (4, 32, 33):
-        half = dim // 2
-        ref = np.zeros((len(t), dim))
-        for b, tb in enumerate(t):
-            for i in range(half):
-                freq = 10000.0 ** (-i / (half - 1))
-                ref[b, i] = math.sin(tb * freq)
-                ref[b, half + i] = math.cos(tb * freq)
-        got = np.asarray(timestep_embedding(jnp.asarray(t), dim))
-        assert got.shape == (len(t), dim) and got.dtype == np.float32
-        np.testing.assert_allclose(got, ref, atol=1e-4)  # float32 argument rounding at t=999
-    # Float timesteps are accepted and interpolate smoothly.
-    e = timestep_embedding(jnp.array([10.0, 10.5, 11.0]), 16)
-    assert np.all(np.isfinite(e)) and not np.allclose(e[1], e[0]) and not np.allclose(e[1], e[2])
-    with pytest.raises(ValueError, match="dim"):
-        timestep_embedding(jnp.zeros(2), 3)
-
-
-def test_group_norm_matches_float64_reference_even_with_large_offset():
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 4, 4, 16)) * np.array([1.0, 3.0])[:, None, None, None]
-    x = x + np.array([0.0, 1000.0])[:, None, None, None]  # E[x^2] - E[x]^2 would lose ~3%
-    scale, bias = rng.standard_normal(16), rng.standard_normal(16)
-    groups = x.reshape(2, 4, 4, 4, 4)
-    mean = groups.mean(axis=(1, 2, 4), keepdims=True)
-    var = groups.var(axis=(1, 2, 4), keepdims=True)
-    ref = ((groups - mean) / np.sqrt(var + 1e-6)).reshape(x.shape) * scale + bias
-    norm = GroupNorm(num_groups=4)
-    params = {
-        "params": {"scale": jnp.asarray(scale, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}
-    }
-    got = norm.apply(params, jnp.asarray(x, jnp.float32))
-    np.testing.assert_allclose(got, ref, atol=2e-4)
-    got16 = GroupNorm(4, dtype=jnp.bfloat16).apply(params, jnp.asarray(x, jnp.bfloat16)[:1])
-    assert got16.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(got16, np.float32), ref[:1], atol=0.1)
-
-
-@pytest.mark.parametrize(
-    "shape, k, strides, padding",
-    [
-        ((2, 8, 8, 3), 3, (1, 1), ((1, 1), (1, 1))),
-        ((2, 8, 6, 4), 3, (2, 2), ((0, 1), (0, 1))),  # Downsample
-        ((2, 7, 9, 4), 3, (2, 2), ((1, 1), (1, 1))),  # strides not dividing the size
-        ((1, 5, 5, 2), 2, (1, 2), ((0, 1), (1, 0))),  # 2x2 kernels of upsample_conv
-    ],
-)
-def test_conv2d_value_and_gradients_equal_lax_autodiff(shape, k, strides, padding):
-    """conv2d's hand-written backward pass equals autodiff of lax.conv_general_dilated."""
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((k, k, shape[-1], 5)), jnp.float32)
-
-    def ref(x, w):
-        dims = ("NHWC", "HWIO", "NHWC")
-        return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=dims)
-
-    y, vjp = jax.vjp(lambda x, w: conv2d(x, w, strides, padding), x, w)
-    y_ref, vjp_ref = jax.vjp(ref, x, w)
-    dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
-    np.testing.assert_allclose(y, y_ref, atol=1e-5)
-    for got, want in zip(vjp(dy), vjp_ref(dy), strict=True):
-        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
-    # Inside lax.scan (several training steps per call) too.
-    scanned = jax.lax.scan(lambda c, _: (c, vjp(dy)), 0, None, length=1)[1]
-    np.testing.assert_allclose(scanned[1][0], vjp_ref(dy)[1], atol=1e-4, rtol=1e-5)
-
-
-def test_group_norm_gradients_match_float64_reference():
-    """group_norm's hand-written backward (with and without swish) equals autodiff of the plain
-    two-pass formula evaluated in float64."""
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((2, 3, 4, 16)) * 2 + 5
-    scale, bias = 1 + 0.3 * rng.standard_normal(16), 0.3 * rng.standard_normal(16)
-    dy = rng.standard_normal(x.shape)
-
-    def ref(x, scale, bias, swish):
-        xg = x.reshape(2, 12, 4, 4)
-        mean = xg.mean(axis=(1, 3), keepdims=True)
-        var = ((xg - mean) ** 2).mean(axis=(1, 3), keepdims=True)
-        y = ((xg - mean) / jnp.sqrt(var + 1e-6)).reshape(x.shape) * scale + bias
-        return y * jax.nn.sigmoid(y) if swish else y
-
-    with jax.enable_x64():
-        args64 = [jnp.asarray(a, jnp.float64) for a in (x, scale, bias)]
-        for swish in (False, True):
-            y64, vjp64 = jax.vjp(lambda *a, s=swish: ref(*a, s), *args64)
-            grads64 = vjp64(jnp.asarray(dy, jnp.float64))
-            y64, grads64 = np.asarray(y64), [np.asarray(g) for g in grads64]
-            args32 = [jnp.asarray(a, jnp.float32) for a in (x, scale, bias)]
-            y, vjp = jax.vjp(lambda *a, s=swish: group_norm(*a, 4, 1e-6, s), *args32)
-            grads = vjp(jnp.asarray(dy, jnp.float32))
-            np.testing.assert_allclose(y, y64, atol=2e-5)
-            for got, want in zip(grads, grads64, strict=True):
-                np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
-
-
-def test_upsample_conv_equals_conv_of_upsampled_image():
-    rng = np.random.default_rng(2)
-    x = jnp.asarray(rng.standard_normal((2, 3, 5, 4)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((3, 3, 4, 6)), jnp.float32)
-
-    def ref(x, w):
-        up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        dims = ("NHWC", "HWIO", "NHWC")
-        return jax.lax.conv_general_dilated(up, w, (1, 1), "SAME", dimension_numbers=dims)
-
-    y, vjp = jax.vjp(upsample_conv, x, w)
-    y_ref, vjp_ref = jax.vjp(ref, x, w)
-    assert y.shape == (2, 6, 10, 6)
-    np.testing.assert_allclose(y, y_ref, atol=1e-5)
-    dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
-    for got, want in zip(vjp(dy), vjp_ref(dy), strict=True):
-        np.testing.assert_allclose(got, want, atol=1e-4)
 
 
 def test_zero_init_makes_output_zero_and_every_block_identity(class_model):
@@ -327,6 +199,27 @@ def test_clear_value_errors():
         jax.eval_shape(with_context.init, jax.random.key(0), x, t)
     with pytest.raises(ValueError, match="context_dim=8"):
         jax.eval_shape(with_context.init, jax.random.key(0), x, t, context=jnp.zeros((B, 4, 6)))
+
+
+def test_nchw_input_is_named_when_parameters_are_bound(class_model):
+    model, params, _, _ = class_model
+    x, t = _inputs()
+    y = jnp.array([0, 1])
+    nchw = jnp.transpose(x, (0, 3, 1, 2))  # [2, 3, 8, 8]
+    with pytest.raises(ValueError, match=r"8 channels, but conv_in takes 3: .*NHWC \[B, H, W, C\]"):
+        jax.eval_shape(model.apply, params, nchw, t, y)
+    with pytest.raises(ValueError, match=r"was an NCHW \[B, C, H, W\] array passed\?"):
+        jax.eval_shape(model.apply, params, jnp.zeros((B, 4, H, W)), t, y)
+    # Without bound parameters (init) any channel count is the model's input width.
+    assert jax.eval_shape(model.init, jax.random.key(0), x[..., :2], t, y)
+
+
+def test_null_label_is_the_last_row_of_the_label_embedding(class_model):
+    model, params, _, _ = class_model
+    assert model.null_label == NUM_CLASSES
+    assert params["params"]["label_emb"]["embedding"].shape[0] == model.null_label + 1
+    assert UNet(**TINY).null_label is None
+    assert UNet(**TINY, context_dim=8).null_label is None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,30 +337,6 @@ def test_dropout_active_only_in_training(class_model):
     np.testing.assert_array_equal(train_a, apply(perturbed, x, t, y, True, 7))
     assert np.abs(train_a - train_b).max() > 1e-4
     assert np.abs(train_a - eval_a).max() > 1e-4
-
-
-@pytest.mark.parametrize("shape", [(7,), (3, 5, 7), (2, 8, 8, 16)])
-def test_random_bits_equal_jax_random_bits(shape):
-    """The fused threefry gives jax.random.bits bit for bit: typed and raw keys, under jit, and
-    through the fallback for other key implementations."""
-    for key in (jax.random.key(11), jax.random.PRNGKey(3), jax.random.key(5, impl="rbg")):
-        expected = jax.random.bits(key, shape)
-        np.testing.assert_array_equal(random_bits(key, shape), expected)
-        np.testing.assert_array_equal(jax.jit(random_bits, static_argnums=1)(key, shape), expected)
-
-
-@pytest.mark.parametrize("rate", [0.1, 0.5])
-def test_dropout_equals_flax_dropout(rate):
-    """Same masks and values as flax.linen.Dropout given the same 'dropout' rng (so training
-    results are unchanged), identity when deterministic, and about ``rate`` of zeros."""
-    x = jax.random.normal(jax.random.key(0), (4, 16, 16, 32))
-    for seed in (0, 1):
-        rngs = {"dropout": jax.random.key(seed)}
-        ours = Dropout(rate).apply({}, x, deterministic=False, rngs=rngs)
-        ref = nn.Dropout(rate).apply({}, x, deterministic=False, rngs=rngs)
-        np.testing.assert_array_equal(ours, ref)
-        assert abs(float(jnp.mean(ours == 0)) - rate) < 0.02
-    np.testing.assert_array_equal(Dropout(rate).apply({}, x, deterministic=True), x)
 
 
 def test_context_changes_output_and_uses_cross_attention(context_model):

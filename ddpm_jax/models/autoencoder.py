@@ -3,7 +3,7 @@
 The architecture mirrors ``diffusers.AutoencoderKL`` (Rombach et al. 2022, "High-Resolution
 Image Synthesis with Latent Diffusion Models") layer for layer and name for name, so that the
 VAE of a Stable-Diffusion-style checkpoint in the diffusers layout loads into it
-(:func:`load_diffusers_vae`, implemented in :mod:`ddpm_jax.models.diffusers_vae`):
+(:func:`ddpm_jax.weights.diffusers.load_diffusers_vae`):
 
 * Encoder: ``conv_in`` → per level ``layers_per_block`` ResNet blocks and (except at the last
   level) a stride-2 3x3 convolution with asymmetric zero padding (0, 1, 0, 1) → mid block
@@ -28,7 +28,6 @@ Training helpers (reconstruction + KL loss, a small optax loop) live in :mod:`dd
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -369,19 +368,3 @@ def scale_latents(z: jax.Array, scaling_factor, shift_factor=0.0) -> jax.Array:
 def unscale_latents(z: jax.Array, scaling_factor, shift_factor=0.0) -> jax.Array:
     """Diffusion latent → autoencoder latent, ``z / scaling_factor + shift_factor``."""
     return z / scaling_factor + shift_factor
-
-
-def load_diffusers_vae(directory: str | Path) -> tuple[AutoencoderKL, dict]:
-    """Load the VAE of a diffusers checkpoint; see :func:`ddpm_jax.models.diffusers_vae.load`.
-
-    Args:
-        directory: folder with ``config.json`` and ``diffusion_pytorch_model.safetensors``, or a
-            pipeline folder with such a ``vae/`` subfolder.
-
-    Returns:
-        (module, variables) with ``module.apply(variables, x, method=AutoencoderKL.encode)`` →
-        ``(mean, logvar)`` and ``method=AutoencoderKL.decode`` → image, NHWC.
-    """
-    from ddpm_jax.models import diffusers_vae  # Imported here: it imports this module.
-
-    return diffusers_vae.load(directory)

@@ -6,13 +6,14 @@ FID-specific blocks, whose 3x3 average pools exclude the zero padding (`count_in
 and whose last block (Mixed_7c) max-pools in its pool branch.
 
 Layout is NHWC; module and parameter names follow the torch state dict (`Mixed_5b.branch1x1.conv`
-...), so `variables_from_torch` is a mechanical rename plus OIHW -> HWIO transposes. Every
-convolution is followed by BatchNorm in inference mode (eps = 1e-3) and ReLU.
+...), so :func:`ddpm_jax.weights.fid_inception.variables_from_torch` is a mechanical rename plus
+OIHW -> HWIO transposes. Every convolution is followed by BatchNorm in inference mode (eps = 1e-3)
+and ReLU.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -242,67 +243,6 @@ def preprocess(images_uint8: jax.Array) -> jax.Array:
     return 2.0 * x - 1.0
 
 
-def variables_from_torch(state_dict: Mapping[str, np.ndarray]) -> dict:
-    """Converts the torch state dict of the FID Inception to Flax variables.
-
-    `*.conv.weight` [O, I, kh, kw] -> `conv.kernel` [kh, kw, I, O]; `*.bn.{weight, bias}` ->
-    params `bn.{scale, bias}`; `*.bn.running_{mean, var}` -> batch_stats `bn.{mean, var}`;
-    `fc.weight` [1008, 2048] -> `fc.kernel` [2048, 1008]. `num_batches_tracked` is ignored.
-
-    Returns:
-        {"params": ..., "batch_stats": ...} of float32 arrays for `FIDInceptionV3`.
-
-    Raises:
-        ValueError: missing or unexpected keys, or shapes that differ from the network's.
-    """
-    variables: dict = {"params": {}, "batch_stats": {}}
-    renames = {
-        "conv.weight": ("params", "kernel", (2, 3, 1, 0)),
-        "bn.weight": ("params", "scale", None),
-        "bn.bias": ("params", "bias", None),
-        "bn.running_mean": ("batch_stats", "mean", None),
-        "bn.running_var": ("batch_stats", "var", None),
-    }
-    unexpected = []
-    for key, value in state_dict.items():
-        parts = key.split(".")
-        if parts[-1] == "num_batches_tracked":
-            continue
-        if key in ("fc.weight", "fc.bias"):
-            collection, path = "params", ["fc", "kernel" if key == "fc.weight" else "bias"]
-            perm = (1, 0) if key == "fc.weight" else None
-        elif ".".join(parts[-2:]) in renames:
-            collection, leaf, perm = renames[".".join(parts[-2:])]
-            path = [*parts[:-1], leaf]
-        else:
-            unexpected.append(key)
-            continue
-        array = np.asarray(value, np.float32)
-        node = variables[collection]
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = array if perm is None else np.ascontiguousarray(array.transpose(perm))
-    expected = jax.eval_shape(
-        FIDInceptionV3().init, jax.random.key(0), jnp.zeros((1, INPUT_SIZE, INPUT_SIZE, 3))
-    )
-    want = {
-        jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)
-    }
-    got = {
-        jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(variables)
-    }
-    missing = sorted(set(want) - set(got))
-    unexpected += sorted(set(got) - set(want))
-    wrong = sorted(f"{k}: {got[k]} != {want[k]}" for k in set(want) & set(got) if got[k] != want[k])
-    if missing or unexpected or wrong:
-        raise ValueError(
-            "state dict does not match the FID Inception-v3: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]} "
-            f"({len(missing)} / {len(unexpected)} / {len(wrong)} in all)"
-        )
-    return variables
-
-
 def make_features_fn(
     variables: dict,
     *,
@@ -313,7 +253,7 @@ def make_features_fn(
     """Batched, jitted feature extractor around `FIDInceptionV3`.
 
     Args:
-        variables: from `variables_from_torch`.
+        variables: from `ddpm_jax.weights.fid_inception.variables_from_torch`.
         batch_size: images per device call; the last batch is zero-padded to it.
         with_logits: also return the logits.
         precision: convolution / dense precision.

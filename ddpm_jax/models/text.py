@@ -14,6 +14,14 @@ and it is trained whenever prompts are dropped (:func:`drop_prompts`, probabilit
 padding positions; the padding positions carry learned summaries of the prompt. The context is
 therefore meant to be cross-attended in full, padding positions included (as Stable Diffusion
 does with CLIP's output): no key mask is needed in the UNet, and none may remove every position.
+
+Prompts as labels. :class:`PromptUNet` conditions a UNet on one of P fixed prompts addressed by an
+integer id ``y``: row ``y`` of a constant token table (:func:`prompt_table`; row P is the empty
+prompt, the null condition) is encoded by a jointly trained :class:`TextEncoder` and cross-attended
+by the UNet. Because the prompt is an integer id, the training engine's label dropout
+(``y -> null_label`` with probability ``p_uncond``) *is* prompt dropout, and classifier-free
+guidance with ``null_label`` is guidance against the empty prompt. Prompts outside the table are
+encoded through :meth:`PromptUNet.from_tokens`.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ddpm_jax.models.unet import UNet
 
 PAD_ID = 0
 UNK_ID = 1
@@ -220,3 +230,90 @@ class TextEncoder(nn.Module):
                 x, attn_mask
             )
         return nn.LayerNorm(name="ln_final")(x)
+
+
+def prompt_table(tokenizer: Tokenizer, prompts: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+    """The constant token table of :class:`PromptUNet`: ``prompts`` then the empty prompt.
+
+    Args:
+      tokenizer: encodes each prompt to ``tokenizer.max_length`` ids.
+      prompts: P non-empty prompts (ids ``0 .. P-1``).
+
+    Returns:
+      P + 1 rows of ``max_length`` ints; row P is all ``PAD_ID``.
+    """
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts: need at least one prompt")
+    tokens, mask = tokenizer.encode(prompts + [""])
+    empty = [p for p, m in zip(prompts, mask[:-1], strict=True) if not m.any()]
+    if empty:
+        raise ValueError(
+            f"prompts: {empty} encode to the empty prompt, which is the null condition"
+        )
+    return tuple(tuple(int(v) for v in row) for row in tokens)
+
+
+class PromptUNet(nn.Module):
+    """A UNet conditioned on prompts addressed by id: ``y`` → tokens → TextEncoder → context.
+
+    Attributes:
+      unet: the denoiser; ``context_dim`` must equal ``text.width`` and ``num_classes`` be None.
+      text: the text encoder, trained jointly with the UNet.
+      prompt_tokens: the constant token table, a tuple of P + 1 rows of L ints; the last row must
+        be all ``PAD_ID`` (the empty prompt = the null condition). Build it with
+        :func:`prompt_table`.
+
+    Call args (``apply(variables, x, t, y, train=False, rngs=...)``, the UNet's interface with a
+    prompt id in place of a class label):
+      x: [B, h, w, c] float32 latents.
+      t: [B] int32 timesteps in [0, T).
+      y: [B] int32 prompt ids in [0, P]; P (= ``null_label``) is the empty prompt.
+      train: enables the UNet's dropout.
+
+    Returns:
+      [B, h, w, c] float32 prediction.
+    """
+
+    unet: UNet
+    text: TextEncoder
+    prompt_tokens: tuple[tuple[int, ...], ...]
+
+    def __post_init__(self):
+        rows = self.prompt_tokens
+        if len(rows) < 2 or len({len(r) for r in rows}) != 1:
+            raise ValueError(
+                "prompt_tokens: expected P + 1 >= 2 rows of equal length (use prompt_table)"
+            )
+        if any(v != PAD_ID for v in rows[-1]):
+            raise ValueError("prompt_tokens: the last row must be the empty prompt (all PAD_ID)")
+        if self.unet.num_classes is not None:
+            raise ValueError("unet.num_classes must be None: prompts replace class labels")
+        if self.unet.context_dim != self.text.width:
+            raise ValueError(
+                f"unet.context_dim={self.unet.context_dim} must equal text.width={self.text.width}"
+            )
+        super().__post_init__()
+
+    @property
+    def num_prompts(self) -> int:
+        """P, the number of prompts of the table (ids ``0 .. P-1``)."""
+        return len(self.prompt_tokens) - 1
+
+    @property
+    def null_label(self) -> int:
+        """The id of the empty prompt (the null condition of classifier-free guidance): P."""
+        return self.num_prompts
+
+    def tokens_of(self, y: jax.Array) -> jax.Array:
+        """Prompt ids [B] in [0, P] → token rows [B, L] int32 (constants, not parameters)."""
+        return jnp.asarray(np.asarray(self.prompt_tokens, np.int32))[y]
+
+    def from_tokens(
+        self, x: jax.Array, t: jax.Array, tokens: jax.Array, train: bool = False
+    ) -> jax.Array:
+        """The prediction for arbitrary prompts given as tokens [B, L] (all PAD_ID = null)."""
+        return self.unet(x, t, context=self.text(tokens), train=train)
+
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, train: bool = False) -> jax.Array:
+        return self.from_tokens(x, t, self.tokens_of(jnp.asarray(y, jnp.int32)), train)

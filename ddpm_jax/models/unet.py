@@ -29,12 +29,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddpm_jax.models.attention import AttnBlock, SpatialTransformer
 from ddpm_jax.models.layers import (
-    AttnBlock,
+    RESBLOCK_CONDITIONINGS,
     Downsample,
     GroupNorm,
     ResBlock,
-    SpatialTransformer,
     Upsample,
     make_conv,
     make_dense,
@@ -42,8 +42,6 @@ from ddpm_jax.models.layers import (
 )
 
 Dtype = Any
-
-RESBLOCK_CONDITIONINGS = ("additive", "scale_shift")
 
 # Ho et al. 2020, CIFAR-10 (35.7M parameters).
 CIFAR10_DDPM = dict(
@@ -69,12 +67,14 @@ class UNet(nn.Module):
       context_dim: width D of the cross-attention context, or None for no context.
       num_heads: attention heads; must divide the channel count at every attention block.
       num_groups: GroupNorm groups; must divide ``ch`` and every ``ch * ch_mult[i]``.
-      resblock_conditioning: ``'additive'`` (DDPM) or ``'scale_shift'`` (improved-diffusion FiLM).
+      resblock_conditioning: one of :data:`~ddpm_jax.models.layers.RESBLOCK_CONDITIONINGS`:
+        ``'additive'`` (DDPM) or ``'scale_shift'`` (improved-diffusion FiLM).
       dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters are always float32 and the output
         is returned as float32.
 
     Call args (``model.apply(variables, x, t, y=None, context=None, train=False, rngs=...)``):
-      x: [B, H, W, C] float images (or latents), NHWC.
+      x: [B, H, W, C] float images (or latents), NHWC; with bound parameters C must equal the
+        input channels of ``conv_in``.
       t: [B] int32 timesteps in [0, T) (float accepted, e.g. continuous time scaled to [0, T));
         a scalar is broadcast to [B].
       y: [B] int32 class labels in [0, num_classes], required iff ``num_classes`` is set; pass
@@ -98,6 +98,17 @@ class UNet(nn.Module):
     num_groups: int = 32
     resblock_conditioning: str = "additive"
     dtype: Dtype = jnp.float32
+
+    @property
+    def null_label(self) -> int | None:
+        """The label id of the null (unconditional) condition, or None for a model without labels.
+
+        With ``num_classes`` set, the label embedding has ``num_classes + 1`` rows and the last
+        one, id ``num_classes``, is the null label: classifier-free guidance contrasts
+        ``y = labels`` with ``y = jnp.full((B,), model.null_label)``, and training drops labels to
+        it. None when ``num_classes`` is None.
+        """
+        return self.num_classes
 
     def __post_init__(self):
         self._validate_config()
@@ -140,6 +151,14 @@ class UNet(nn.Module):
         if x.ndim != 4:
             raise ValueError(f"UNet: x must have shape [B, H, W, C], got shape {x.shape}")
         b, h, w, _ = x.shape
+        # With bound parameters: the channels conv_in was built for (NCHW is the usual mistake).
+        conv_in = self.variables.get("params", {}).get("conv_in")
+        if conv_in is not None and x.shape[-1] != conv_in["kernel"].shape[2]:
+            raise ValueError(
+                f"UNet: x has shape {x.shape}, i.e. {x.shape[-1]} channels, but conv_in takes "
+                f"{conv_in['kernel'].shape[2]}: images are NHWC [B, H, W, C]; was an NCHW "
+                f"[B, C, H, W] array passed?"
+            )
         factor = 2 ** (len(self.ch_mult) - 1)
         if h % factor != 0 or w % factor != 0:
             raise ValueError(

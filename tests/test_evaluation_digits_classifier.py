@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from ddpm_jax import digits_classifier
 from ddpm_jax.data import digits_arrays
+from ddpm_jax.evaluation import digits_classifier
 
 
 @pytest.fixture(scope="module")

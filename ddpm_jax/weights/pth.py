@@ -13,21 +13,43 @@ Both of torch's file formats are read:
 - the legacy format (`_use_new_zipfile_serialization=False`, and files written by old torch):
   a sequence of pickles (magic number, protocol version, system info, the object, the list of
   storage keys) followed by each storage as an int64 element count and its raw bytes.
+
+`load_state_dict` is `load_pth` for a weights file a user points to: any problem with the file
+(missing, damaged, unsafe, not a state dict) raises `ddpm_jax.errors.UsageError` naming it.
 """
 
 from __future__ import annotations
 
 import collections
 import io
+import os
 import pickle
 import struct
 import zipfile
+import zlib
+from collections.abc import Mapping
 
 import ml_dtypes
 import numpy as np
 
+from ddpm_jax.errors import UsageError
+
 _LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL_VERSION = 1001
+# What reading a damaged or foreign file can raise (truncated pickles and storages, a broken zip
+# archive, a pickle whose opcodes hand the allow-listed functions arguments they cannot take).
+_DAMAGED_FILE_ERRORS = (
+    pickle.UnpicklingError,
+    EOFError,
+    struct.error,
+    zipfile.BadZipFile,
+    zlib.error,
+    KeyError,
+    IndexError,
+    TypeError,
+    ValueError,
+    AttributeError,
+)
 
 # torch storage class name -> NumPy dtype of its elements.
 _STORAGE_DTYPES = {
@@ -224,3 +246,45 @@ def load_pth(path: str):
             return _load_zip(archive)
     with open(path, "rb") as f:
         return _load_legacy(f)
+
+
+def load_state_dict(path: str | os.PathLike) -> Mapping[str, np.ndarray]:
+    """Loads a state dict a user points to; any problem with the file is a `UsageError`.
+
+    `load_pth` plus the checks a user's weights file needs: it exists, reads as a torch file,
+    names no global outside the allow-list, and holds a mapping of names to tensors.
+
+    Args:
+        path: a `.pth` / `.pt` / `.bin` file written by `torch.save(state_dict)`.
+
+    Returns:
+        The state dict: parameter name -> NumPy array with the tensor's dtype and shape, in the
+        file's order.
+
+    Raises:
+        UsageError: one line naming the file and what is wrong with it (missing, unreadable,
+            damaged, unsafe, or not a state dict).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UsageError(f"{path} not found: pass the path of the weights file")
+    try:
+        state = load_pth(path)
+    except UnsafePickleError as e:
+        raise UsageError(f"{path} is not a plain state dict and was not loaded: {e}") from e
+    except OSError as e:
+        raise UsageError(f"{path} cannot be read ({' '.join(str(e).split())})") from e
+    except _DAMAGED_FILE_ERRORS as e:
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        raise UsageError(f"{path} is damaged ({reason}): download it again") from e
+    if not isinstance(state, Mapping):
+        raise UsageError(
+            f"{path} holds a {type(state).__name__}, not a state dict (parameter name -> tensor)"
+        )
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, np.ndarray):
+            raise UsageError(
+                f"{path} is not a state dict: its entry {key!r:.60} is a {type(value).__name__}, "
+                "not a tensor"
+            )
+    return state

@@ -23,8 +23,8 @@ import jax
 import numpy as np
 import optax
 
-from ddpm_jax import metrics
 from ddpm_jax.data import digits_arrays
+from ddpm_jax.evaluation import metrics
 
 NUM_CLASSES = 10
 NUM_FEATURES = 128

@@ -1,6 +1,6 @@
-"""Sample-quality metrics: FID, KID and Inception Score, and the FID Inception network.
+"""Sample-quality metrics: FID, KID and Inception Score, on features in float64 NumPy.
 
-The math works on features in float64 NumPy, on the host:
+The math runs on the host and needs no network:
 
 - `RunningStats` accumulates the mean and covariance of features batch by batch (Chan et al.'s
   pairwise update), so 50,000 feature vectors never need to sit in memory at once.
@@ -10,11 +10,12 @@ The math works on features in float64 NumPy, on the host:
   averaged over random subsets.
 - `inception_score` is exp(E KL(p(y|x) || p(y))) averaged over splits.
 
-`inception_from_pth` builds the feature extractor of pytorch-fid / clean-fid
-(`pt_inception-2015-12-05`) from its `.pth` weights, read without torch and without arbitrary
-unpickling.
+The features come from a network: pytorch-fid's Inception-v3
+(:func:`ddpm_jax.weights.fid_inception.inception_from_pth`) or, for the 8x8 digits, the small
+classifier of :mod:`ddpm_jax.evaluation.digits_classifier`.
 
 Example:
+    >>> from ddpm_jax.weights.fid_inception import inception_from_pth
     >>> features_fn = inception_from_pth("pt_inception-2015-12-05-6726825d.pth")
     >>> stats = RunningStats.init(2048)
     >>> for batch in uint8_batches:                  # [B, H, W, 3] uint8
@@ -24,26 +25,10 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
-import jax
 import numpy as np
-
-from ddpm_jax import pth
-from ddpm_jax.models import inception
-
-FID_WEIGHTS_URL = (
-    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-    "pt_inception-2015-12-05-6726825d.pth"
-)
-# torch.hub convention: the hex digits at the end of the file name start the file's SHA-256.
-_FID_WEIGHTS_SHA256_PREFIX = "6726825d"
 
 
 class RunningStats(NamedTuple):
@@ -255,7 +240,8 @@ def accumulate_stats(features_fn: Callable, batches: Iterable, dim: int) -> Runn
     """Runs `features_fn` over `batches` and accumulates the statistics of its outputs.
 
     Args:
-        features_fn: maps one batch to [B, dim] features (e.g. from `inception_from_pth`).
+        features_fn: maps one batch to [B, dim] features (e.g. from
+            `ddpm_jax.weights.fid_inception.inception_from_pth`).
         batches: iterable of batches (e.g. [B, H, W, 3] uint8 images).
         dim: feature dimension.
 
@@ -266,84 +252,3 @@ def accumulate_stats(features_fn: Callable, batches: Iterable, dim: int) -> Runn
     for batch in batches:
         stats = stats.update(features_fn(batch))
     return stats
-
-
-def _default_cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "ddpm_jax")
-
-
-def download_fid_weights(cache_dir: str | None = None) -> str:
-    """Returns the path of the FID Inception weights, downloading them once into `cache_dir`.
-
-    Raises:
-        RuntimeError: when the file is not cached and cannot be downloaded (e.g. offline), or
-            the download does not match the expected SHA-256 prefix.
-    """
-    cache_dir = cache_dir or _default_cache_dir()
-    path = os.path.join(cache_dir, FID_WEIGHTS_URL.rsplit("/", 1)[1])
-    if os.path.exists(path):
-        return path
-    os.makedirs(cache_dir, exist_ok=True)
-    partial = path + ".part"
-    try:
-        with urllib.request.urlopen(FID_WEIGHTS_URL, timeout=60) as response:
-            with open(partial, "wb") as f:
-                shutil.copyfileobj(response, f)
-    except (urllib.error.URLError, OSError) as e:
-        if os.path.exists(partial):
-            os.remove(partial)
-        raise RuntimeError(
-            f"could not download the FID Inception weights from {FID_WEIGHTS_URL} ({e}); "
-            "download that file elsewhere and pass its location as path=..."
-        ) from e
-    with open(partial, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    if not digest.startswith(_FID_WEIGHTS_SHA256_PREFIX):
-        os.remove(partial)
-        raise RuntimeError(
-            f"downloaded FID weights have SHA-256 {digest}, expected a prefix "
-            f"{_FID_WEIGHTS_SHA256_PREFIX}; the file was removed"
-        )
-    os.replace(partial, path)
-    return path
-
-
-def inception_from_pth(
-    path: str | None = None,
-    *,
-    batch_size: int = 50,
-    with_logits: bool = False,
-    precision: jax.lax.Precision | None = jax.lax.Precision.HIGHEST,
-    cache_dir: str | None = None,
-) -> Callable[[np.ndarray], np.ndarray | tuple[np.ndarray, np.ndarray]]:
-    """The FID feature extractor of pytorch-fid, in JAX.
-
-    The network is the one pytorch-fid and clean-fid use; the preprocessing is pytorch-fid's
-    (clean-fid's "legacy_pytorch" mode): uint8 -> [0, 1] -> bilinear resize to 299x299 (torch's
-    `align_corners=False`, no antialiasing) -> [-1, 1] -> FID Inception-v3 -> 2048-d features
-    after the global average pool.
-
-    Args:
-        path: the `pt_inception-2015-12-05-6726825d.pth` file. None: use the cached copy or
-            download it (`download_fid_weights`); offline, pass the path.
-        batch_size: images per device call; the last batch is zero-padded, so the network
-            compiles once (the resize compiles once per input image size).
-        with_logits: also return the 1008 logits of the network's classifier (for the
-            Inception Score: softmax them).
-        precision: precision of convolutions and the classifier (HIGHEST: true float32 on
-            accelerators that would otherwise use reduced-precision passes).
-        cache_dir: where downloads go (default $XDG_CACHE_HOME/ddpm_jax or ~/.cache/ddpm_jax).
-
-    Returns:
-        `features_fn(images)`: images [N, H, W, 3] uint8 -> pool features [N, 2048] float32
-        NumPy (and logits [N, 1008] when `with_logits`).
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if path is None:
-        path = download_fid_weights(cache_dir)
-    variables = inception.variables_from_torch(pth.load_pth(path))
-    return inception.make_features_fn(
-        variables, batch_size=batch_size, with_logits=with_logits, precision=precision
-    )

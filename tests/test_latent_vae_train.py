@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
+from ddpm_jax.latent.vae_train import train_autoencoder, vae_loss
 from ddpm_jax.models.autoencoder import AutoencoderKL
-from ddpm_jax.vae_train import train_autoencoder, vae_loss
 
 SMALL = dict(
     in_channels=1,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from ddpm_jax import metrics
+from ddpm_jax.evaluation import metrics
 
 
 def _random_stats(rng, dim, num_samples, scale=1.0, offset=0.0):

@@ -1,0 +1,260 @@
+"""The config boundary: where a ConfigDict becomes the objects of a run.
+
+Every other module takes explicit arguments; only this module and ``config.py`` read a
+``ConfigDict``. What is built here, from a validated config:
+
+- the network: :func:`build_model` (the UNet of ``config.model``), :func:`build_prompt_unet` and
+  :func:`build_vae` (latent runs, ``config.latent``);
+- the noise schedule (:func:`build_schedule`) and the sampler settings (:func:`sample_settings`);
+- the data: :func:`data_spec` (image shape and classes from the dataset's metadata, without
+  reading data) and :func:`build_dataset` (the deterministic batches);
+- the optimizer and its learning-rate schedule (:func:`build_optimizer`), the parallel layout
+  (:func:`build_parallel`);
+- the training state: :func:`init_state_fn` and :func:`abstract_state` (shapes, dtypes and
+  shardings, from ``jax.eval_shape``: nothing is computed);
+- the compiled-per-call training step (:func:`build_train_step`), the same for
+  ``experiments.cifar`` and ``experiments.benchmark``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from ddpm_jax import data, schedules
+from ddpm_jax import state as state_lib
+from ddpm_jax.errors import UsageError
+from ddpm_jax.models.autoencoder import AutoencoderKL
+from ddpm_jax.models.layers import DTYPES
+from ddpm_jax.models.text import PromptUNet, TextEncoder, Tokenizer, prompt_table
+from ddpm_jax.models.unet import UNet
+from ddpm_jax.parallel import AXIS, DataParallel
+from ddpm_jax.workdir import INIT_TAG, run_key
+
+Config = ml_collections.ConfigDict
+
+
+# ----------------------------------------------------------------------------- networks
+
+
+def build_unet(config: Config, *, num_classes: int | None = None, context_dim=None) -> UNet:
+    """The UNet of ``config.model`` with the given conditioning."""
+    m = config.model
+    return UNet(
+        ch=m.ch,
+        ch_mult=tuple(m.ch_mult),
+        num_res_blocks=m.num_res_blocks,
+        attn_resolutions=tuple(m.attn_resolutions),
+        dropout=m.dropout,
+        num_classes=num_classes,
+        context_dim=context_dim,
+        num_heads=m.num_heads,
+        num_groups=m.num_groups,
+        resblock_conditioning=m.resblock_conditioning,
+        dtype=DTYPES[m.dtype],
+    )
+
+
+def build_model(config: Config, num_classes: int | None) -> UNet:
+    """The UNet of a pixel-space run: class-conditional on the dataset's ``num_classes`` when
+    ``config.model.class_conditional``."""
+    if config.model.class_conditional and num_classes is None:
+        raise UsageError(
+            f"config.model.class_conditional=True but {config.data.name!r} has no labels"
+        )
+    return build_unet(config, num_classes=num_classes if config.model.class_conditional else None)
+
+
+def build_prompt_unet(config: Config, tokenizer: Tokenizer, prompts: Sequence[str]) -> PromptUNet:
+    """The prompt-conditioned UNet of a latent run (``config.model``, ``config.latent``)."""
+    c = config.latent
+    text = TextEncoder(
+        vocab_size=tokenizer.vocab_size,
+        max_length=c.text_max_length,
+        width=c.text_width,
+        depth=c.text_depth,
+        num_heads=c.text_num_heads,
+    )
+    unet = build_unet(config, context_dim=c.text_width)
+    return PromptUNet(unet=unet, text=text, prompt_tokens=prompt_table(tokenizer, prompts))
+
+
+def build_vae(config: Config, channels: int) -> AutoencoderKL:
+    """The autoencoder of ``config.latent`` for images with ``channels`` channels."""
+    c = config.latent
+    return AutoencoderKL(
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=tuple(c.vae_block_out_channels),
+        layers_per_block=c.vae_layers_per_block,
+        latent_channels=c.vae_latent_channels,
+        norm_num_groups=c.vae_norm_num_groups,
+    )
+
+
+def build_schedule(config: Config) -> schedules.Schedule:
+    """The noise schedule of ``config.diffusion``."""
+    d = config.diffusion
+    kwargs = dict(beta_start=d.beta_start, beta_end=d.beta_end) if d.schedule == "linear" else {}
+    return schedules.get(d.schedule, d.num_timesteps, **kwargs)
+
+
+def sample_settings(config: Config) -> dict[str, Any]:
+    """The ``ddpm_jax.generate.Generator`` keyword arguments of ``config.sample`` (and the
+    prediction target of ``config.diffusion``)."""
+    s = config.sample
+    return dict(
+        method=s.method,
+        num_steps=s.num_steps,
+        guidance_scale=s.guidance_scale,
+        eta=s.eta,
+        clip_x0=s.clip_x0,
+        prediction=config.diffusion.prediction,
+        batch_size=s.batch_size,
+    )
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def check_image_shape(config: Config, image_shape: Sequence[int]) -> None:
+    """Raises UsageError unless the UNet's levels can halve the image sides."""
+    h, w = image_shape[:2]
+    factor = 2 ** (len(config.model.ch_mult) - 1)
+    if h % factor or w % factor:
+        raise UsageError(
+            f"config.model.ch_mult={tuple(config.model.ch_mult)} needs image sides divisible by "
+            f"{factor}; the images are {h}x{w} (set config.data.image_size)"
+        )
+
+
+def data_spec(config: Config) -> tuple[tuple[int, int, int], int | None]:
+    """``(image_shape, num_classes)`` of a pixel-space run's data, from the dataset's metadata
+    (no data is read or prepared)."""
+    d = config.data
+    shape, num_classes = data.image_spec(d.name, data_dir=d.data_dir, image_size=d.image_size)
+    check_image_shape(config, shape)
+    return shape, num_classes
+
+
+def build_dataset(config: Config) -> data.ImageDataset:
+    """This process's deterministic training batches of ``config.data``."""
+    d = config.data
+    ds = data.make_dataset(
+        d.name,
+        split="train",
+        global_batch_size=config.train.batch_size,
+        seed=config.seed,
+        data_dir=d.data_dir,
+        manual_dir=d.manual_dir,
+        random_flip=d.random_flip,
+        image_size=d.image_size,
+        num_examples=d.num_examples,
+    )
+    check_image_shape(config, ds.image_shape)
+    return ds
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def build_optimizer(config: Config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Adam of ``config.train`` with warm-up and clipping, and its learning-rate schedule."""
+    t = config.train
+    optimizer = state_lib.make_optimizer(
+        t.lr, t.warmup_steps, t.grad_clip, b1=t.b1, b2=t.b2, eps=t.eps
+    )
+    return optimizer, state_lib.learning_rate_schedule(t.lr, t.warmup_steps)
+
+
+def build_parallel(config: Config) -> DataParallel:
+    """Data parallelism of kind ``config.parallel`` over every device of the job."""
+    return DataParallel(config.parallel)
+
+
+def init_state_fn(
+    config: Config,
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    image_shape: Sequence[int],
+) -> Callable[[], state_lib.TrainState]:
+    """``init() -> TrainState`` at step 0 (parameters from ``run_key(seed, INIT_TAG)``)."""
+
+    def init() -> state_lib.TrainState:
+        x = jnp.zeros((1, *image_shape), jnp.float32)
+        t = jnp.zeros((1,), jnp.int32)
+        y = None if model.null_label is None else jnp.zeros((1,), jnp.int32)
+        variables = model.init(run_key(config.seed, INIT_TAG), x, t, y=y)
+        return state_lib.create_train_state(variables, optimizer)
+
+    return init
+
+
+def abstract_state(init: Callable[[], state_lib.TrainState], dp: DataParallel) -> Any:
+    """The state's ``ShapeDtypeStruct`` tree, replicated over ``dp``'s mesh (nothing computed;
+    tracing the initialisation also checks the model against the image shape)."""
+    return jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dp.replicated),
+        jax.eval_shape(init),
+    )
+
+
+def build_train_step(
+    config: Config,
+    model: nn.Module,
+    schedule: schedules.Schedule,
+    optimizer: optax.GradientTransformation,
+    lr_schedule: optax.Schedule,
+    dp: DataParallel,
+) -> Callable:
+    """The engine's training step: ``state.make_train_step`` of ``config`` (loss, Adam, EMA,
+    per-example randomness) mapped over ``dp`` and scanned over the steps of one call.
+
+    Returns:
+      ``fn(state, batch) -> (state, metrics)`` (see ``DataParallel.wrap``).
+    """
+
+    def apply_fn(params, x_t, t, y=None, rng=None):
+        return model.apply(params, x_t, t, y=y, train=True, rngs={"dropout": rng})
+
+    d, t = config.diffusion, config.train
+    step_fn = state_lib.make_train_step(
+        apply_fn,
+        schedule,
+        optimizer,
+        seed=config.seed,
+        global_batch_size=t.batch_size,
+        axis_name=AXIS,
+        lr_schedule=lr_schedule,
+        prediction=d.prediction,
+        weighting=d.weighting,
+        min_snr_gamma=d.min_snr_gamma,
+        ema_decay=t.ema_decay,
+        p_uncond=t.p_uncond,
+        null_label=model.null_label,
+    )
+    return dp.wrap(step_fn)
+
+
+__all__ = [
+    "abstract_state",
+    "build_dataset",
+    "build_model",
+    "build_optimizer",
+    "build_parallel",
+    "build_prompt_unet",
+    "build_schedule",
+    "build_train_step",
+    "build_unet",
+    "build_vae",
+    "check_image_shape",
+    "data_spec",
+    "init_state_fn",
+    "sample_settings",
+]

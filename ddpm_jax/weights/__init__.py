@@ -1,0 +1,32 @@
+"""Weights written by other frameworks, read into our Flax modules without torch.
+
+- :mod:`ddpm_jax.weights.pth`: the safe reader of ``torch.save`` files (no arbitrary
+  unpickling).
+- :mod:`ddpm_jax.weights.diffusers`: checkpoints in the diffusers layout (the Stable-Diffusion
+  VAE).
+- :mod:`ddpm_jax.weights.fid_inception`: pytorch-fid's FID Inception weights (download + load).
+
+A missing or damaged file, or one that does not fit the network, raises
+:class:`ddpm_jax.errors.UsageError` with one line naming the file. This package imports
+``ddpm_jax.models``, never the reverse.
+"""
+
+from ddpm_jax.weights.diffusers import load_diffusers_vae
+from ddpm_jax.weights.fid_inception import (
+    FID_WEIGHTS_URL,
+    download_fid_weights,
+    inception_from_pth,
+    variables_from_torch,
+)
+from ddpm_jax.weights.pth import UnsafePickleError, load_pth, load_state_dict
+
+__all__ = [
+    "FID_WEIGHTS_URL",
+    "UnsafePickleError",
+    "download_fid_weights",
+    "inception_from_pth",
+    "load_diffusers_vae",
+    "load_pth",
+    "load_state_dict",
+    "variables_from_torch",
+]

@@ -1,0 +1,216 @@
+"""The work directory of a run: atomic writes, ``metrics.jsonl``, process-0 output, RNG tags.
+
+Everything a run writes goes through here, so the rules hold in one place:
+
+- writes are atomic: a temporary file in the same directory, flushed and ``fsync``-ed, then
+  ``os.replace``-d over the target, so a reader (or a run killed mid-write) sees the old file or
+  the new one, never a part (:func:`atomic_open`, :func:`write_json`, :func:`save_npz`);
+- only process 0 writes shared files and prints (:func:`is_writer`, :func:`log`, :func:`warn`);
+- ``metrics.jsonl`` is appended line by line and cut back to a restored step
+  (:class:`MetricsLog`);
+- the root keys of initialisation, sample grids, final samples, evaluation and the autoencoder are
+  ``fold_in(key(seed), TAG)`` with tags far above any step index ``s`` of the per-step keys
+  ``fold_in(key(seed), s)`` (:func:`run_key`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import numpy as np
+
+from ddpm_jax.errors import UsageError
+
+# fold_in tags of the root key, far above any step index s of fold_in(key(seed), s).
+INIT_TAG = 2_000_000_001  # model initialisation
+GRID_TAG = 2_000_000_002  # the sample grids written during training
+FINAL_TAG = 2_000_000_003  # the final samples (samples.npz, per-prompt samples)
+EVAL_TAG = 2_000_000_004  # evaluation samples
+VAE_TAG = 2_000_000_005  # the autoencoder of a latent run (initialisation and training)
+
+
+def run_key(seed: int, tag: int) -> jax.Array:
+    """``fold_in(key(seed), tag)``: the root key of one kind of randomness of a run."""
+    return jax.random.fold_in(jax.random.key(seed), tag)
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def is_writer() -> bool:
+    """Whether this process writes shared files and prints (process 0)."""
+    return jax.process_index() == 0
+
+
+def log(*args: Any, **kwargs: Any) -> None:
+    """``print`` on process 0 only, flushed."""
+    if is_writer():
+        print(*args, **kwargs, flush=True)
+
+
+def warn(message: str) -> None:
+    """``warning: message`` on stderr, process 0 only."""
+    if is_writer():
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def format_duration(seconds: float | None) -> str:
+    """``"1d 02:03:04"`` / ``"2:03:04"``; ``"?"`` when unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    days, rest = divmod(int(seconds), 86400)
+    text = f"{rest // 3600}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}d {text}" if days else text
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
+    """Opens a temporary file next to ``path``; on success it replaces ``path`` atomically.
+
+    The parent directory is created. On an exception the temporary file is removed and ``path``
+    is left as it was.
+
+    Args:
+      path: the destination file.
+      mode: ``"wb"`` or ``"w"``.
+
+    Yields:
+      The open temporary file.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Writes ``obj`` as indented, key-sorted JSON, atomically."""
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON object in ``path``; None when the file is missing or not valid JSON."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> str:
+    """``np.savez(path, **arrays)``, atomically. Returns ``path``."""
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)
+    return os.fspath(path)
+
+
+# ----------------------------------------------------------------------------- metrics.jsonl
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per logged step, each with an integer ``"step"``.
+
+    Args:
+      path: the file (created on the first append or cut).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+
+    def append(self, record: dict) -> None:
+        """Appends one line (``record`` must have ``"step"``)."""
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict]:
+        """The records in file order; a line cut short by a kill is skipped."""
+        if not os.path.exists(self.path):
+            return []
+        records = []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("step"), int):
+                    records.append(record)
+        return records
+
+    def cut(self, up_to_step: int) -> None:
+        """Keeps the records of steps ``<= up_to_step`` (a resumed run writes the rest again)."""
+        kept = [r for r in self.read() if r["step"] <= up_to_step]
+        with atomic_open(self.path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+
+
+# ----------------------------------------------------------------------------- the directory
+
+
+def check_workdir(workdir: str | os.PathLike | None) -> str:
+    """Checks that ``workdir`` is given and is, or can be created as, a writable directory.
+
+    Nothing is created. Returns the absolute path.
+
+    Raises:
+      UsageError: missing, not a directory, or not writable.
+    """
+    if workdir is None or not str(workdir).strip():
+        raise UsageError("workdir is missing: pass --workdir=DIR (created if needed)")
+    path = os.path.abspath(os.fspath(workdir))
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise UsageError(f"workdir={path!r} exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UsageError(f"workdir={path!r} is not writable")
+        return path
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"workdir={path!r} cannot be created: {parent!r} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"workdir={path!r} cannot be created: {parent!r} is not writable")
+    return path
+
+
+__all__ = [
+    "EVAL_TAG",
+    "FINAL_TAG",
+    "GRID_TAG",
+    "INIT_TAG",
+    "VAE_TAG",
+    "MetricsLog",
+    "atomic_open",
+    "check_workdir",
+    "format_duration",
+    "is_writer",
+    "log",
+    "read_json",
+    "run_key",
+    "save_npz",
+    "warn",
+    "write_json",
+]
