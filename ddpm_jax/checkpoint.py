@@ -6,12 +6,14 @@
   may donate the state's buffers right away; the write to disk continues in the background);
 - the last ``max_to_keep`` checkpoints are kept;
 - an interrupted save leaves only an Orbax temporary directory, which is ignored and cleaned up;
-- :meth:`Checkpointer.restore_latest` restores the newest checkpoint that can be read: a
-  corrupt or incomplete one produces a warning, is moved aside to ``<directory>.corrupt/``
-  (never deleted) and the previous one is tried, and so on.
+- :meth:`Checkpointer.restore_latest` restores the newest checkpoint that every process can read,
+  the processes agreeing on each candidate; unreadable newer ones are moved aside to
+  ``<directory>.corrupt/`` (never deleted), a checkpoint of another structure is a user's
+  mistake (not damage), and when none can be read nothing is changed unless the user asks to
+  start over.
 
-Every process must call every method (Orbax synchronises them); only process 0 writes the
-shared metadata and moves corrupt checkpoints.
+Every process must call every method (Orbax and the restore agreement synchronise them); only
+process 0 writes the shared metadata and moves damaged checkpoints.
 
 :class:`PreemptionGuard` turns SIGTERM into a stop request that every process sees at the same
 step, so that the run loop can save and exit cleanly.
@@ -30,7 +32,10 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
+
+from ddpm_jax.errors import UsageError
 
 PyTree = Any
 
@@ -84,8 +89,10 @@ class Checkpointer:
             (str, th.StringHandler()),
             (jax.Array, th.ArrayHandler(use_replica_parallel=self._replica_parallel)),
         )
-        handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
-        return ocp.CheckpointManager(self.directory, options=self._options, item_handlers=handler)
+        self._handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+        return ocp.CheckpointManager(
+            self.directory, options=self._options, item_handlers=self._handler
+        )
 
     def all_steps(self) -> list[int]:
         """Steps of the complete checkpoints on disk, ascending."""
@@ -116,55 +123,165 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state: PyTree) -> PyTree:
         """Restores checkpoint ``step`` into the structure, shapes and shardings of
-        ``abstract_state`` (a pytree of ``jax.ShapeDtypeStruct`` with ``sharding`` set)."""
+        ``abstract_state`` (a pytree of ``jax.ShapeDtypeStruct`` with ``sharding`` set).
+
+        Raises:
+          UsageError: the checkpoint holds a state of another structure (see
+            :meth:`restore_latest`).
+          Exception: whatever reading a damaged checkpoint raises.
+        """
+        mismatch = self._structure_mismatch(step, abstract_state)
+        if mismatch:
+            raise UsageError(self._mismatch_message(step, mismatch))
+        return self._read(step, abstract_state)
+
+    def _read(self, step: int, abstract_state: PyTree) -> PyTree:
+        # The handler, not the manager: the manager's restore ends at a barrier of all
+        # processes, which a process whose read failed would never reach (a hang).
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
         args = ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args)
-        return self._manager.restore(step, args=args)
+        return self._handler.restore(self._item_path(step), args=args)
 
-    def restore_latest(self, abstract_state: PyTree) -> tuple[PyTree | None, int | None]:
-        """Restores the newest readable checkpoint, falling back past corrupt ones.
+    def _item_path(self, step: int) -> epath.Path:
+        return epath.Path(self.directory) / str(step) / "default"
 
-        A checkpoint that fails to restore is reported with a warning and moved to
-        ``<directory>.corrupt/<step>-<unix time>`` so that training can save that step again.
+    def _structure_mismatch(self, step: int, abstract_state: PyTree) -> str:
+        """'' when checkpoint ``step`` holds arrays of the paths, shapes and dtypes of
+        ``abstract_state``; else the first differences. Raises when the metadata is unreadable."""
+        saved = _shapes(self._handler.metadata(self._item_path(step)).tree)
+        wanted = _shapes(abstract_state)
+        missing = sorted(set(wanted) - set(saved))
+        extra = sorted(set(saved) - set(wanted))
+        changed = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+        parts = [f"{k}: saved {saved[k][0]}, built {wanted[k][0]}" for k in changed[:3]]
+        parts += [f"{k} not in the checkpoint" for k in missing[:3]]
+        parts += [f"{k} only in the checkpoint" for k in extra[:3]]
+        return "; ".join(parts)
+
+    def _mismatch_message(self, step: int, mismatch: str) -> str:
+        return (
+            f"checkpoint {step} in {self.directory} holds a training state of another structure "
+            f"than this config builds ({mismatch}); nothing was changed. Resume it with the "
+            "config it was trained with (its config.json), or use a new --workdir"
+        )
+
+    def restore_latest(
+        self, abstract_state: PyTree, *, start_over: bool = False
+    ) -> tuple[PyTree | None, int | None]:
+        """Restores the newest checkpoint that every process can read.
+
+        The checkpoints are tried newest first. Every process reads each candidate itself and the
+        processes agree on the outcome before going on, so all of them restore the same step, or
+        all of them raise the same error: never a hang. The outcomes:
+
+        - it restores: checkpoints newer than it that could not be read are moved to
+          ``<directory>.corrupt/<step>-<unix time>`` (never deleted), each named in one warning,
+          so that training can save those steps again;
+        - it holds a state of another structure (changed model, optimizer, image shape): that is
+          not damage; :class:`~ddpm_jax.errors.UsageError`, nothing is changed;
+        - none restores: :class:`~ddpm_jax.errors.UsageError` naming them, nothing is changed;
+          with ``start_over`` they are moved aside and ``(None, None)`` is returned.
 
         Args:
           abstract_state: see :meth:`restore`.
+          start_over: the user's explicit choice to start from step 0 when no checkpoint can be
+            restored.
 
         Returns:
-          ``(state, step)``, or ``(None, None)`` when no checkpoint can be restored.
+          ``(state, step)``, or ``(None, None)`` when there is no checkpoint (or none restores
+          and ``start_over``).
         """
-        bad: list[int] = []
-        result: tuple[PyTree | None, int | None] = (None, None)
-        for step in reversed(self.all_steps()):
+        failed: list[tuple[int, str]] = []
+        for step in reversed(self._agreed_steps()):
+            outcome, detail, state = _OK, "", None
             try:
-                result = (self.restore(step, abstract_state), step)
-                break
-            except Exception as e:  # noqa: BLE001 - any failure means "not restorable".
-                detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                _warn(
-                    f"checkpoint {step} in {self.directory} cannot be restored "
-                    f"({type(e).__name__}: {detail[:300]}); moving it to "
-                    f"{self.corrupt_directory} and falling back to an earlier one"
-                )
-                bad.append(step)
-        if bad:
-            self._move_aside(bad)
-        if bad and result[1] is None:
-            _warn("no readable checkpoint left: starting from scratch")
-        return result
+                detail = self._structure_mismatch(step, abstract_state)
+                if detail:
+                    outcome = _MISMATCH
+                else:
+                    state = self._read(step, abstract_state)
+            except Exception as e:  # noqa: BLE001 - any failure to read means "damaged".
+                outcome, detail = _DAMAGED, _first_line(e)
+            outcome = _worst_over_processes(outcome)
+            if outcome == _MISMATCH:
+                raise UsageError(self._mismatch_message(step, detail or "on another process"))
+            if outcome == _OK:
+                if failed:
+                    self._move_aside(failed, f"resuming from step {step}")
+                return state, step
+            failed.append((step, detail or "unreadable on another process"))
+        if not failed:
+            return None, None
+        listing = ", ".join(f"{s} ({d})" for s, d in failed)
+        if not start_over:
+            raise UsageError(
+                f"no checkpoint in {self.directory} can be restored: {listing}; nothing was "
+                "changed. Check the files, or pass --start_over to move them to "
+                f"{self.corrupt_directory} and train from step 0"
+            )
+        self._move_aside(failed, "starting from step 0 (--start_over)")
+        return None, None
 
-    def _move_aside(self, steps: list[int]) -> None:
+    def _agreed_steps(self) -> list[int]:
+        """Process 0's list of complete checkpoints, the same on every process."""
+        steps = np.asarray(self.all_steps(), np.int64)
+        if jax.process_count() == 1:
+            return steps.tolist()
+        count = int(multihost_utils.broadcast_one_to_all(np.int64(len(steps))))
+        padded = np.zeros(count, np.int64)
+        padded[: min(count, len(steps))] = steps[:count]
+        return np.asarray(multihost_utils.broadcast_one_to_all(padded)).tolist()
+
+    def _move_aside(self, failed: list[tuple[int, str]], then: str) -> None:
+        """Moves unreadable checkpoints to ``<directory>.corrupt/`` (process 0), warning once
+        for each."""
         self._manager.close()
         if jax.process_index() == 0:
             os.makedirs(self.corrupt_directory, exist_ok=True)
             stamp = int(time.time())
-            for step in steps:
+            for step, detail in failed:
                 src = os.path.join(self.directory, str(step))
+                dst = os.path.join(self.corrupt_directory, f"{step}-{stamp}")
                 if os.path.exists(src):
-                    shutil.move(src, os.path.join(self.corrupt_directory, f"{step}-{stamp}"))
+                    shutil.move(src, dst)
+                _warn(
+                    f"checkpoint {step} in {self.directory} cannot be restored ({detail}); "
+                    f"moved to {dst}; {then}"
+                )
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("ddpm_jax.checkpoint.move_aside")
         self._manager = self._make_manager()
+
+
+_OK, _DAMAGED, _MISMATCH = 0, 1, 2  # outcomes of reading a checkpoint, ordered by severity
+
+
+def _worst_over_processes(outcome: int) -> int:
+    """The most severe outcome of any process (every process must call this)."""
+    if jax.process_count() == 1:
+        return outcome
+    return int(np.max(multihost_utils.process_allgather(np.int32(outcome))))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}".rstrip(": ")
+
+
+def _shapes(tree: PyTree) -> dict[str, tuple]:
+    """``{"a/b/0/c": (shape, dtype)}`` of a pytree of arrays or array metadata."""
+
+    def name(key) -> str:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {
+        "/".join(name(k) for k in path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+        for path, leaf in leaves
+    }
 
 
 class PreemptionGuard:
@@ -176,6 +293,8 @@ class PreemptionGuard:
     every process see the request at the same step.
 
     Call :meth:`reached` with the same, increasing step on every process after each training call.
+    Guards nest (a run's whole lifetime around each phase's loop): a notice reaches every guard
+    that is active, and a guard entered after a notice starts requested.
     """
 
     def __init__(self):
@@ -186,10 +305,18 @@ class PreemptionGuard:
     def __enter__(self) -> PreemptionGuard:
         if not self._multi and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handler)
+            outer = self._outer()
+            self.requested = outer is not None and outer.requested
         return self
+
+    def _outer(self) -> PreemptionGuard | None:
+        outer = getattr(self._previous, "__self__", None)
+        return outer if isinstance(outer, PreemptionGuard) else None
 
     def _handler(self, signum, frame) -> None:
         self.requested = True
+        if self._outer() is not None:
+            self._previous(signum, frame)
 
     def reached(self, step: int) -> bool:
         """Whether to save and stop after ``step``."""

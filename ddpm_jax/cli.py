@@ -7,7 +7,11 @@ An experiment is ``get_config()`` plus::
 
 Flags:
 
-- ``--workdir=DIR`` (required): where the run writes and resumes (see ``ddpm_jax.train``);
+- ``--workdir=DIR`` (required): where the run writes and resumes (see ``ddpm_jax.train``); a
+  re-run with a changed field that fixes what the run trains (``config.RUN_IDENTITY``) is refused
+  with nothing changed; other changes are recorded in ``config_history.jsonl``;
+- ``--start_over``: when none of the workdir's checkpoints can be restored, move them aside and
+  train from step 0 (without it that is an error, and nothing is changed);
 - ``--config.<section>.<field>=VALUE``: overrides of ``get_config()`` (ml_collections
   ``config_flags``; tuples as ``--config.model.ch_mult='(1,2,2)'``);
 - ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``: a multi-process job
@@ -74,6 +78,13 @@ def _define_flags(config: ml_collections.ConfigDict, argv: Sequence[str]) -> fla
     )
     flags.DEFINE_integer("num_processes", None, "Processes of the job.", flag_values=fv)
     flags.DEFINE_integer("process_id", None, "This process's index in the job.", flag_values=fv)
+    flags.DEFINE_boolean(
+        "start_over",
+        False,
+        "When the workdir's checkpoints all fail to restore, move them aside (never deleted) "
+        "and train from step 0; without it that is an error and nothing is changed.",
+        flag_values=fv,
+    )
     flags.DEFINE_enum(
         "distributed",
         "auto",
@@ -148,8 +159,8 @@ def main(
     Args:
       get_config: the experiment's ``get_config()`` (a ConfigDict from ``default_config()``).
       argv: command line including the program name (default ``sys.argv``).
-      run_fn: ``run_fn(config, workdir)`` runs the experiment (default ``ddpm_jax.train.run``);
-        it reports a user's mistake by raising ``UsageError``.
+      run_fn: ``run_fn(config, workdir, start_over=False)`` runs the experiment (default
+        ``ddpm_jax.train.run``); it reports a user's mistake by raising ``UsageError``.
 
     Exits the process: 0 on success or preemption, 1 on a non-finite loss or a bug, 2 on bad
     input.
@@ -178,7 +189,8 @@ def _run(fv: flags.FlagValues, run_fn) -> Any:
     workdir.check_workdir(fv.workdir)
     config_lib.validate(fv.config)  # without devices first: no JAX backend needed yet
     initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id, fv.distributed)
-    return (train.run if run_fn is None else run_fn)(fv.config, fv.workdir)
+    run_fn = train.run if run_fn is None else run_fn
+    return run_fn(fv.config, fv.workdir, start_over=fv.start_over)
 
 
 __all__ = ["cluster_detected", "guarded", "initialize_distributed", "main"]

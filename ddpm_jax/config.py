@@ -318,6 +318,58 @@ def validate(
         _fail("train.batch_size", batch, f"must be divisible by process count {process_count}")
 
 
+# ----------------------------------------------------------------------------- resuming
+
+# Fields that fix what a run trains: the training state's structure (the network, the optimizer's
+# clipping stage) or the meaning of its data (dataset, image size, schedule, prediction target,
+# the seed's randomness). A resumed run refuses to change them; any other field may change between
+# invocations of the same run (more steps, other intervals, sampling settings, learning-rate
+# values, the device count or parallel layout) and each change is recorded.
+RUN_IDENTITY = tuple(
+    """seed data.name data.image_size model.ch model.ch_mult model.num_res_blocks
+    model.attn_resolutions model.num_heads model.num_groups model.resblock_conditioning
+    model.class_conditional diffusion.schedule diffusion.num_timesteps diffusion.beta_start
+    diffusion.beta_end diffusion.prediction latent.""".split()
+)  # "latent.": the whole section (the frozen autoencoder, the prompts' encoder) but:
+_RESUME_FREE = ("latent.samples_per_prompt",)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_changes(saved: dict, given: dict) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """Compares the config a run was started with (``config.json``) with the one given now.
+
+    Args:
+      saved / given: configs as JSON objects (``json.loads(config.to_json())``).
+
+    Returns:
+      ``(conflicts, changes)``: ``{field: (saved, given)}`` of the fields that fix what the run
+      trains (:data:`RUN_IDENTITY`, and ``train.grad_clip`` switched between 0 and > 0, which
+      changes the optimizer state's structure), and of every other changed field.
+    """
+    old, new = _flatten(saved), _flatten(given)
+    conflicts, changes = {}, {}
+    for field in sorted(set(old) | set(new)):
+        a, b = old.get(field), new.get(field)
+        if a == b:
+            continue
+        identity = field not in _RESUME_FREE and any(
+            field == f or (f.endswith(".") and field.startswith(f)) for f in RUN_IDENTITY
+        )
+        if field == "train.grad_clip":  # clipping on or off changes the optimizer state
+            identity = ((a or 0) > 0) != ((b or 0) > 0)
+        (conflicts if identity else changes)[field] = (a, b)
+    return conflicts, changes
+
+
 def _divides(field: str, value: int, other: str, other_value: int) -> None:
     if other_value % value:
         _fail(field, value, f"must divide {other}={other_value}")
@@ -364,4 +416,4 @@ def _validate_latent(config: ml_collections.ConfigDict) -> None:
         )
 
 
-__all__ = ["default_config", "latent_config", "validate"]
+__all__ = ["RUN_IDENTITY", "default_config", "latent_config", "resume_changes", "validate"]

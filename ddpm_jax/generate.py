@@ -37,8 +37,9 @@ from ddpm_jax.workdir import log, read_json
 class Generator:
     """Images from a model's parameters, in rounds sharded over the mesh's batch axis.
 
-    Initial noise and per-step noise are drawn for the whole global batch of a round (the random
-    draws are partitionable), so samples do not depend on how the batch is sharded.
+    Sample ``i`` of a call draws all its noise from its own key ``fold_in(key, i)``, so it is a
+    function of (key, i) alone: the same whatever the device count, the round size or the
+    sharding.
 
     Args:
       model: the network (``model.apply(params, x_t, t, y=...)``); conditional when
@@ -76,15 +77,15 @@ class Generator:
         self.decode_fn = decode_fn
         self.sharding = NamedSharding(dp.mesh, P(AXIS))
         self._fns: dict[int, Callable] = {}
+        # fold_in(key, i) for a round's global sample indices i, sharded like the round.
+        fold = jax.vmap(jax.random.fold_in, in_axes=(None, 0))
+        self._sample_keys = jax.jit(fold, out_shardings=self.sharding)
 
     def _fn(self, batch: int) -> Callable:
         if batch not in self._fns:
             shape, null_label = (batch, *self.image_shape), self.model.null_label
 
-            def generate(params, key, labels):
-                k_noise, k_sample = jax.random.split(key)
-                x_T = jax.random.normal(k_noise, shape)
-                x_T = jax.lax.with_sharding_constraint(x_T, self.sharding)
+            def generate(params, keys, labels):
                 model_fn = lambda x_t, t, **c: self.model.apply(params, x_t, t, **c)
                 if null_label is not None:
                     guided = guidance.classifier_free(model_fn, self.guidance_scale, null_label)
@@ -92,14 +93,13 @@ class Generator:
                 x = samplers.sample(
                     model_fn,
                     self.schedule,
-                    k_sample,
+                    keys,
                     shape,
                     method=self.method,
                     num_steps=self.num_steps,
                     eta=self.eta,
                     prediction=self.prediction,
                     clip_x0=self.clip_x0 or None,
-                    x_T=x_T,
                 )
                 return x if self.decode_fn is None else self.decode_fn(x)
 
@@ -116,15 +116,18 @@ class Generator:
         key: jax.Array,
         num: int,
         progress: Callable[[int, int], None] | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
+        should_stop: Callable[[], bool] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray] | None:
         """``num`` samples in rounds of ``batch_size`` rounded up to the device count.
 
         Args:
           params: the (replicated) model variables, e.g. the EMA parameters.
-          key: sampling key; round ``r`` uses ``fold_in(key, r)``.
+          key: sampling key; sample ``i`` uses ``fold_in(key, i)`` alone.
           num: number of samples.
           progress: optional ``progress(rounds_done, rounds)``, called after each round's
             images are on the host.
+          should_stop: optional; when it returns True after a round, the call returns None
+            (e.g. on a preemption notice).
 
         Returns:
           ``(images uint8 [num, H, W, C], labels int32 [num])`` on every process; labels cycle
@@ -141,10 +144,13 @@ class Generator:
         for r in range(rounds):
             chunk = labels[r * batch : (r + 1) * batch]
             y = jax.make_array_from_callback(chunk.shape, self.sharding, lambda i, c=chunk: c[i])
-            x = self._fn(batch)(params, jax.random.fold_in(key, r), y)
+            keys = self._sample_keys(key, np.arange(r * batch, (r + 1) * batch, dtype=np.uint32))
+            x = self._fn(batch)(params, keys, y)
             out.append(images.to_uint8(multihost_utils.process_allgather(x, tiled=True)))
             if progress is not None:
                 progress(r + 1, rounds)
+            if should_stop is not None and should_stop():
+                return None
         return np.concatenate(out)[:num], labels[:num]
 
 

@@ -233,11 +233,19 @@ def plan(
     spacing = timestep_spacing or DEFAULT_SPACINGS[method]
     grid = timesteps(schedule, num_steps, spacing)
     t, s = grid[:-1], grid[1:]
-    key_init, key_steps = jax.random.split(key)
-    if x_T is None:
-        x = jax.random.normal(key_init, shape, jnp.float32)
+    per_example = jnp.ndim(key) == 1  # one key per sample (see `sample`)
+    if per_example and key.shape[0] != shape[0]:
+        raise ValueError(f"key: {key.shape[0]} per-sample keys for a batch of {shape[0]}")
+    if per_example:
+        key_init, key_steps = jax.vmap(jax.random.split, out_axes=1)(key)
     else:
+        key_init, key_steps = jax.random.split(key)
+    if x_T is not None:
         x = jnp.asarray(x_T, jnp.float32)
+    elif per_example:
+        x = jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(key_init)
+    else:
+        x = jax.random.normal(key_init, shape, jnp.float32)
     xs: dict[str, jax.Array] = {"t": t, "s": s}
     sqrt_ab, sqrt_om = schedule.sqrt_alpha_bars, schedule.sqrt_one_minus_alpha_bars
     if method == "ddpm":
@@ -260,7 +268,11 @@ def plan(
         sig = schedule.sqrt_recipm1_alpha_bars
         xs.update(c_x=sqrt_ab[s] / sqrt_ab[t], c_eps=sqrt_ab[s] * (sig[s] - sig[t]))
     if method == "ddpm" or (method == "ddim" and not (_is_concrete_number(eta) and eta == 0)):
-        xs["key"] = jax.random.split(key_steps, num_steps - 1)
+        if per_example:  # [num_steps - 1, B]
+            split = functools.partial(jax.random.split, num=num_steps - 1)
+            xs["key"] = jax.vmap(split, out_axes=1)(key_steps)
+        else:
+            xs["key"] = jax.random.split(key_steps, num_steps - 1)
     return Plan(carry=(x, jnp.zeros_like(x) if method == "dpmpp_2m" else None), xs=xs)
 
 
@@ -318,7 +330,12 @@ def step(
         _, eps_next = predict(x_euler, xs_i["s"])
         x = xs_i["c_x"] * x + xs_i["c_eps"] * (0.5 * (eps + eps_next))
     if "key" in xs_i:
-        x = x + xs_i["std"] * jax.random.normal(xs_i["key"], x.shape, x.dtype)
+        if jnp.ndim(xs_i["key"]) == 1:  # one key per sample
+            normal = lambda k: jax.random.normal(k, x.shape[1:], x.dtype)
+            noise = jax.vmap(normal)(xs_i["key"])
+        else:
+            noise = jax.random.normal(xs_i["key"], x.shape, x.dtype)
+        x = x + xs_i["std"] * noise
     return (x, aux), x
 
 
@@ -376,7 +393,9 @@ def sample(
         model_fn: ``model_fn(x_t, t) -> [B, ...]`` with ``x_t: [B, ...]`` and ``t: int32 [B]`` in
             [0, T); bind labels or context with a closure or ``functools.partial``.
         schedule: the noise schedule the model was trained with (traced).
-        key: PRNG key for x_T (unless given) and the per-step noise.
+        key: PRNG key for x_T (unless given) and the per-step noise; or ``[B]`` keys, one per
+            sample, so that each sample is a function of its own key alone (not of the batch it
+            is drawn in, nor of how the batch is sharded).
         shape: static ``(B, ...)`` of the samples, rank >= 2, e.g. ``(B, 32, 32, 3)`` or
             ``(B, D)``.
         method: "ddpm", "ddim", "dpmpp_2m" or "heun" (static; see the module docstring).

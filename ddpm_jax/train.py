@@ -28,6 +28,7 @@ step is reached (``train.steps_per_call`` steps per call).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -44,12 +45,12 @@ import numpy as np
 from ddpm_jax import builders, data, images
 from ddpm_jax import config as config_lib
 from ddpm_jax.checkpoint import Checkpointer, PreemptionGuard
-from ddpm_jax.errors import NonFiniteLossError
+from ddpm_jax.errors import NonFiniteLossError, UsageError
 from ddpm_jax.generate import Generator
 from ddpm_jax.workdir import (
     FINAL_TAG,
     GRID_TAG,
-    MetricsLog,
+    JsonLines,
     check_workdir,
     format_duration,
     is_writer,
@@ -62,6 +63,20 @@ from ddpm_jax.workdir import (
 )
 
 _MAX_PENDING_CALLS = 64  # fetch metrics at least this often (bounds host memory)
+# Write failures that mean "the workdir cannot take more": full disk, quota, read-only, denied.
+_UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _unwritable(error: BaseException) -> OSError | None:
+    """The OSError of an unwritable workdir in ``error``'s chain (Orbax wraps its writers'
+    errors), or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _UNWRITABLE:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 @dataclasses.dataclass
@@ -94,8 +109,12 @@ def run(
     model: nn.Module | None = None,
     dataset: data.Dataset | None = None,
     decode_fn: Callable[[jax.Array], jax.Array] | None = None,
+    start_over: bool = False,
 ) -> RunResult:
     """Trains (or resumes) the diffusion model of ``config`` in ``workdir``.
+
+    On an existing run the config is compared first (:func:`check_resume`); nothing in
+    ``workdir`` is written before the newest readable checkpoint has been restored.
 
     Args:
       config: a ConfigDict built from ``ddpm_jax.config.default_config()``.
@@ -109,6 +128,8 @@ def run(
         ``builders.build_dataset(config)``, e.g. ``data.array_dataset`` of encoded latents.
       decode_fn: optional jittable map of sampled arrays to images ``[B, H, W, C]`` in [-1, 1]
         (e.g. a frozen VAE decoder), applied before the grids and ``samples.npz``.
+      start_over: when the run has checkpoints and none can be restored, move them aside and
+        train from step 0 (without it, that is an error and nothing is changed).
 
     Returns:
       A :class:`RunResult`.
@@ -119,13 +140,44 @@ def run(
     """
     config_lib.validate(config, device_count=jax.device_count(), process_count=jax.process_count())
     workdir = check_workdir(workdir)
+    changes = check_resume(config, workdir)
     ds = builders.build_dataset(config) if dataset is None else dataset
     model = builders.build_model(config, ds.num_classes) if model is None else model
     trainer = Trainer(config, workdir, ds, model, decode_fn)
     try:
-        return trainer.run(step_callback)
-    finally:
-        trainer.close()
+        result = trainer.run(step_callback, changes=changes, start_over=start_over)
+    except BaseException:
+        trainer.close(raise_errors=False)  # the first error is the one to report
+        raise
+    trainer.close()
+    return result
+
+
+def check_resume(config: ml_collections.ConfigDict, workdir: str) -> dict[str, tuple]:
+    """Compares ``config`` with the one the run in ``workdir`` was started with; reads only.
+
+    Returns:
+      ``{field: (saved, given)}`` of the fields that may change between invocations of a run
+      (empty for a new run).
+
+    Raises:
+      UsageError: a field that fixes what the run trains differs (``config.RUN_IDENTITY``); the
+        message names each with both values. Nothing in ``workdir`` has been touched.
+    """
+    path = os.path.join(workdir, "config.json")
+    saved = read_json(path)
+    if saved is None:
+        if os.path.exists(path):
+            raise UsageError(f"{path} is not valid JSON: the run's config cannot be compared")
+        return {}
+    conflicts, changes = config_lib.resume_changes(saved, json.loads(config.to_json()))
+    if conflicts:
+        listed = "; ".join(f"{f} was {a!r}, now {b!r}" for f, (a, b) in conflicts.items())
+        raise UsageError(
+            f"{workdir} holds a run of another configuration ({listed}); nothing was changed. "
+            "Resume it with the values it was started with, or start a new run in a new --workdir"
+        )
+    return changes
 
 
 class Trainer:
@@ -141,7 +193,7 @@ class Trainer:
 
     def __init__(self, config, workdir: str, ds: data.Dataset, model: nn.Module, decode_fn=None):
         self.config, self.workdir, self.ds, self.model = config, workdir, ds, model
-        self.metrics = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
+        self.metrics = JsonLines(os.path.join(workdir, "metrics.jsonl"))
         self.samples_path = os.path.join(workdir, "samples.npz")
         self.dp = builders.build_parallel(config)
         self.schedule = builders.build_schedule(config)
@@ -160,47 +212,81 @@ class Trainer:
             decode_fn=decode_fn,
             **builders.sample_settings(config),
         )
-        os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
         self.ckpt = Checkpointer(
             os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints
         )
 
-    def close(self) -> None:
+    def close(self, raise_errors: bool = True) -> None:
         """Waits for pending checkpoint writes and releases the checkpointer."""
-        self.ckpt.close()
+        try:
+            self.ckpt.close()
+        except Exception:
+            if raise_errors:
+                raise
 
-    def run(self, step_callback) -> RunResult:
-        config, tc = self.config, self.config.train
-        if is_writer():
-            path, as_dict = f"{self.workdir}/config.json", json.loads(config.to_json())
-            if os.path.exists(path) and read_json(path) != as_dict:
-                warn(f"the config differs from {path}; a resumed run then differs from an "
-                     "uninterrupted one")  # fmt: skip
-            write_json(path, as_dict)
-        state, start = self.ckpt.restore_latest(self.abstract_state)
+    def run(self, step_callback, *, changes: dict, start_over: bool = False) -> RunResult:
+        """Restores or initialises, trains, samples; SIGTERM at any point after the restore
+        saves the current step (when training) and returns ``status="preempted"``."""
+        with PreemptionGuard() as self.preemption:
+            try:
+                return self._run(step_callback, changes, start_over)
+            except Exception as e:
+                unwritable = _unwritable(e)
+                if unwritable is None:
+                    raise
+                kept = self.ckpt.latest_step()
+                kept = "none was written" if kept is None else f"step {kept}"
+                raise UsageError(
+                    f"cannot write in {self.workdir}: {unwritable.strerror} "
+                    f"({unwritable.filename or 'a checkpoint file'}); the last complete "
+                    f"checkpoint is {kept} in {self.ckpt.directory}. Free space or fix the "
+                    "permissions, then run the same command again"
+                ) from e
+
+    def _run(self, step_callback, changes: dict, start_over: bool) -> RunResult:
+        tc = self.config.train
+        had_checkpoints = bool(self.ckpt.all_steps())
+        state, start = self.ckpt.restore_latest(self.abstract_state, start_over=start_over)
         if state is None:
             state, start = jax.jit(self.init, out_shardings=self.dp.replicated)(), 0
             log(f"new run in {self.workdir} ({self.dp.num_devices} devices, {self.dp.kind})")
         else:
             log(f"resuming from the checkpoint of step {start} in {self.ckpt.directory}")
-        if is_writer():
-            self.metrics.cut(start)
+        if is_writer():  # the restore succeeded: now the run's files may change
+            self._record_start(start, changes, started_over=had_checkpoints and start == 0)
+        os.makedirs(os.path.join(self.workdir, "samples"), exist_ok=True)
         if start >= tc.num_steps:
             log(f"training already finished (step {start} >= train.num_steps={tc.num_steps})")
             path = self._final_samples(state, overwrite=False)
-            return RunResult(
-                "already_complete", start, self.workdir, self.metrics.path, path, state.ema_params
-            )
+            status = "preempted" if self.preemption.requested else "already_complete"
+            return RunResult(status, start, self.workdir, self.metrics.path, path, state.ema_params)
         status, step, state = self._loop(self.dp.from_replicated(state), start, step_callback)
         path = None
         if status == "completed":
             path = self._final_samples(self.dp.to_replicated(state), overwrite=True)
+            status = "preempted" if self.preemption.requested else status
+        if status == "completed":
             log(
                 f"done: {step} steps. metrics: {self.metrics.path}; sample grids: "
                 f"{self.workdir}/samples/; samples: {path}; checkpoints: {self.ckpt.directory}"
             )
         ema = self.dp.to_replicated(state).ema_params
         return RunResult(status, step, self.workdir, self.metrics.path, path, ema)
+
+    def _record_start(self, start: int, changes: dict, started_over: bool) -> None:
+        """config.json, config_history.jsonl and metrics.jsonl after a restore (process 0)."""
+        if started_over and self.metrics.read():
+            kept = f"{self.metrics.path}.{int(time.time())}.before-step-0"
+            os.replace(self.metrics.path, kept)  # a start over keeps the old records
+            warn(f"training starts from step 0: the earlier metrics were moved to {kept}")
+        if changes and start > 0:
+            record = dict(step=start, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            record["changes"] = {f: [a, b] for f, (a, b) in changes.items()}
+            JsonLines(os.path.join(self.workdir, "config_history.jsonl")).append(record)
+            listed = ", ".join(f"{f} {a!r} -> {b!r}" for f, (a, b) in changes.items())
+            log(f"config changes from step {start} on (config_history.jsonl): {listed}")
+        write_json(os.path.join(self.workdir, "config.json"), json.loads(self.config.to_json()))
+        self.metrics.cut(start)
 
     def _loop(self, state, start: int, step_callback):
         tc, dp, ckpt = self.config.train, self.dp, self.ckpt
@@ -251,39 +337,38 @@ class Trainer:
                 ckpt.save(step, dp.to_replicated(state))
                 last_saved = step
 
-        with PreemptionGuard() as preemption:
-            while step < tc.num_steps:
-                k = min(tc.steps_per_call, tc.num_steps - step)
-                local = [next(batches) for _ in range(k)]
-                batch = {
-                    "image": np.stack([b["image"] for b in local]),
-                    "label": np.stack([b["label"] for b in local]),
-                    "index": np.tile(index, (k, 1)),
-                }
-                state, metrics = self.train_fn(state, dp.shard_batch(batch))
-                pending.append((step, metrics))
-                prev, step = step, step + k
-                crossed = lambda every, a=prev, b=step: every > 0 and b // every > a // every
-                if crossed(tc.log_every) or len(pending) >= _MAX_PENDING_CALLS:
-                    flush()
-                if step_callback is not None:
-                    step_callback(step)
-                if preemption.reached(step):
-                    save()
-                    ckpt.wait()
-                    log(
-                        f"{chr(10) if tty else ''}preempted (SIGTERM): saved the checkpoint of "
-                        f"step {step} in {ckpt.directory}; run the same command again to resume"
-                    )
-                    return "preempted", step, state
-                if crossed(tc.checkpoint_every) or step == tc.num_steps:
-                    save()
-                if self.config.sample.grid_size > 0 and crossed(tc.sample_every):
-                    self._sample_grid(state, step)
-            flush()
-            if tty:
-                log()
-            ckpt.wait()
+        while step < tc.num_steps:
+            k = min(tc.steps_per_call, tc.num_steps - step)
+            local = [next(batches) for _ in range(k)]
+            batch = {
+                "image": np.stack([b["image"] for b in local]),
+                "label": np.stack([b["label"] for b in local]),
+                "index": np.tile(index, (k, 1)),
+            }
+            state, metrics = self.train_fn(state, dp.shard_batch(batch))
+            pending.append((step, metrics))
+            prev, step = step, step + k
+            crossed = lambda every, a=prev, b=step: every > 0 and b // every > a // every
+            if crossed(tc.log_every) or len(pending) >= _MAX_PENDING_CALLS:
+                flush()
+            if step_callback is not None:
+                step_callback(step)
+            if self.preemption.reached(step):
+                save()
+                ckpt.wait()
+                log(
+                    f"{chr(10) if tty else ''}preempted (SIGTERM): saved the checkpoint of "
+                    f"step {step} in {ckpt.directory}; run the same command again to resume"
+                )
+                return "preempted", step, state
+            if crossed(tc.checkpoint_every) or step == tc.num_steps:
+                save()
+            if self.config.sample.grid_size > 0 and crossed(tc.sample_every):
+                self._sample_grid(state, step)
+        flush()
+        if tty:
+            log()
+        ckpt.wait()
         return "completed", step, state
 
     def _sample_grid(self, state, step: int) -> None:
@@ -294,7 +379,8 @@ class Trainer:
             images.save_png_grid(f"{self.workdir}/samples/step_{step:07d}.png", imgs, g)
 
     def _final_samples(self, state, *, overwrite: bool) -> str | None:
-        """Writes ``samples.npz`` from the EMA parameters of the replicated ``state``."""
+        """Writes ``samples.npz`` from the EMA parameters of the replicated ``state``; None when
+        there are none to write or a preemption notice stopped the sampling."""
         s = self.config.sample
         if s.num_samples == 0:
             return None
@@ -303,9 +389,13 @@ class Trainer:
             return self.samples_path
         log(f"sampling {s.num_samples} images ({s.method}, {s.num_steps} steps)")
         key = run_key(self.config.seed, FINAL_TAG)
-        imgs, labels = self.generator(state.ema_params, key, s.num_samples)
+        stop = lambda: self.preemption.requested
+        out = self.generator(state.ema_params, key, s.num_samples, should_stop=stop)
+        if out is None:
+            log("preempted (SIGTERM) while sampling: samples.npz not written")
+            return None
         if is_writer():
-            save_npz(self.samples_path, images=imgs, labels=labels)
+            save_npz(self.samples_path, images=out[0], labels=out[1])
         return self.samples_path
 
 

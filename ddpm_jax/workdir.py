@@ -6,8 +6,8 @@ Everything a run writes goes through here, so the rules hold in one place:
   ``os.replace``-d over the target, so a reader (or a run killed mid-write) sees the old file or
   the new one, never a part (:func:`atomic_open`, :func:`write_json`, :func:`save_npz`);
 - only process 0 writes shared files and prints (:func:`is_writer`, :func:`log`, :func:`warn`);
-- ``metrics.jsonl`` is appended line by line and cut back to a restored step
-  (:class:`MetricsLog`);
+- ``metrics.jsonl`` and ``config_history.jsonl`` are appended line by line, and cut back to a
+  restored step (:class:`JsonLines`);
 - the root keys of initialisation, sample grids, final samples, evaluation and the autoencoder are
   ``fold_in(key(seed), TAG)`` with tags far above any step index ``s`` of the per-step keys
   ``fold_in(key(seed), s)`` (:func:`run_key`).
@@ -129,8 +129,9 @@ def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> str:
 # ----------------------------------------------------------------------------- metrics.jsonl
 
 
-class MetricsLog:
-    """``metrics.jsonl``: one JSON object per logged step, each with an integer ``"step"``.
+class JsonLines:
+    """A ``.jsonl`` record of a run (``metrics.jsonl``, ``config_history.jsonl``): one JSON object
+    per line, each with an integer ``"step"``.
 
     Args:
       path: the file (created on the first append or cut).
@@ -202,7 +203,7 @@ __all__ = [
     "GRID_TAG",
     "INIT_TAG",
     "VAE_TAG",
-    "MetricsLog",
+    "JsonLines",
     "atomic_open",
     "check_workdir",
     "format_duration",

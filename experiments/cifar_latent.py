@@ -26,6 +26,7 @@ import numpy as np
 
 from ddpm_jax import cli, data
 from ddpm_jax import config as config_lib
+from ddpm_jax.checkpoint import PreemptionGuard
 from ddpm_jax.latent import pipeline, prompts
 
 CLASSES = (
@@ -104,7 +105,7 @@ def get_config() -> ml_collections.ConfigDict:
     return c
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = False) -> None:
     t0 = time.time()
     log = lambda msg: print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True)
     d = config.data
@@ -117,12 +118,27 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     labels = np.asarray([e["label"] for e in examples], np.int32)
     log(f"loaded {n} training images {images.shape[1:]}")
     train_prompts, prompt_class = prompts.class_prompts(TEMPLATES, CLASSES)
-    latent_run = pipeline.train_latent(
-        config, workdir, images, labels, train_prompts, prompt_class, log=log
-    )
     heldout, _ = prompts.class_prompts(HELDOUT_TEMPLATES, CLASSES)
     all_prompts = train_prompts + heldout
-    samples = prompts.sample_prompt_images(config, latent_run, all_prompts)
+    with PreemptionGuard() as preemption:  # SIGTERM in any phase: state saved, nothing final
+        latent_run = pipeline.train_latent(
+            config,
+            workdir,
+            images,
+            labels,
+            train_prompts,
+            prompt_class,
+            log=log,
+            preemption=preemption,
+            start_over=start_over,
+        )
+        if latent_run is None:
+            return
+        stop = lambda: preemption.requested
+        samples = prompts.sample_prompt_images(config, latent_run, all_prompts, should_stop=stop)
+        if samples is None:
+            log("preempted (SIGTERM) while sampling: nothing written; run the same command again")
+            return
     path = prompts.write_prompt_outputs(workdir, all_prompts, samples, prompt_class)
     log(f"wrote {workdir}/prompts/*.png and {path}")
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from ddpm_jax import cli, data, images
 from ddpm_jax import config as config_lib
+from ddpm_jax.checkpoint import PreemptionGuard
 from ddpm_jax.evaluation.digits_classifier import train_digits_classifier
 from ddpm_jax.latent import pipeline, prompts
 from ddpm_jax.models.autoencoder import AutoencoderKL
@@ -92,71 +93,91 @@ def get_config() -> ml_collections.ConfigDict:
     return c
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
-    """Trains (or resumes) and writes the per-prompt grids, ``samples.npz`` and metrics."""
+def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = False) -> dict | None:
+    """Trains (or resumes) and writes the per-prompt grids, ``samples.npz`` and metrics.
+
+    SIGTERM in any phase (autoencoder, diffusion, sampling) stops it with nothing final written
+    (the training state is saved); the same command then resumes. Returns the metrics, or None.
+    """
     t0 = time.time()
     log = lambda msg: print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
     train_prompts, prompt_class = prompts.class_prompts(TEMPLATES, NAMES)
-    train_images, train_labels = data.digits_arrays("train")
-    latent_run = pipeline.train_latent(
-        config, workdir, train_images, train_labels, train_prompts, prompt_class, log=log
-    )
-    t_train = time.time() - t0
-    size = config.latent.image_size
-
-    # Held-out reconstruction error of the frozen autoencoder (images in [0, 1]).
-    test_images, _ = data.digits_arrays("test")
-    x = images.resize(test_images, (size, size)).astype(np.float32) / 127.5 - 1.0
-    vae, vae_params = latent_run.vae, latent_run.vae_params
-    recon = jax.jit(
-        lambda v: vae.apply(
-            vae_params,
-            vae.apply(vae_params, v, method=AutoencoderKL.encode)[0],
-            method=AutoencoderKL.decode,
-        )
-    )(x)
-    mae = float(jnp.mean(jnp.abs(jnp.clip(recon, -1, 1) - x))) / 2.0
-
-    # Samples per prompt, with guidance, training prompts and held-out phrasings.
-    s, n = config.sample, config.latent.samples_per_prompt
     heldout, heldout_class = prompts.class_prompts(HELDOUT_TEMPLATES, NAMES)
     all_prompts = train_prompts + heldout
-    samples = prompts.sample_prompt_images(config, latent_run, all_prompts)
+    train_images, train_labels = data.digits_arrays("train")
+    with PreemptionGuard() as preemption:
+        latent_run = pipeline.train_latent(
+            config,
+            workdir,
+            train_images,
+            train_labels,
+            train_prompts,
+            prompt_class,
+            log=log,
+            preemption=preemption,
+            start_over=start_over,
+        )
+        if latent_run is None:
+            return None
+        t_train = time.time() - t0
+        stop = lambda: preemption.requested
+        samples = prompts.sample_prompt_images(config, latent_run, all_prompts, should_stop=stop)
+        if samples is None:
+            log("preempted (SIGTERM) while sampling: nothing written; run the same command again")
+            return None
     prompts.write_prompt_outputs(workdir, all_prompts, samples, prompt_class)
-    P = len(train_prompts)
     t_sample = time.time() - t0 - t_train
-    log(f"wrote {len(all_prompts)} prompt grids and samples.npz ({P * n} samples)")
-
-    # Class accuracy judged by a digits classifier on 8x8 downsampled samples.
-    classifier = train_digits_classifier(config.seed)
-    small = images.resize(samples.reshape(-1, size, size, samples.shape[-1]), (8, 8))
-    pred = classifier.predict(small).reshape(len(all_prompts), n)
-    target = np.concatenate([prompt_class, heldout_class])[:, None]
-    correct = pred == target
-    metrics = {
-        "vae_heldout_mae_01": mae,
-        "scale_factor": latent_run.scale_factor,
-        "train_steps": latent_run.result.step,
-        "guidance_scale": float(s.guidance_scale),
-        "samples_per_prompt": n,
-        "class_accuracy_train_prompts": float(correct[:P].mean()),
-        "class_accuracy_heldout_phrasings": float(correct[P:].mean()),
-        "per_prompt_accuracy": {
-            p: float(a) for p, a in zip(all_prompts, correct.mean(1), strict=True)
-        },
-        "classifier_accuracy_on_real_test": float(classifier.accuracy(*data.digits_arrays("test"))),
-        "train_s": t_train,
-        "sample_s": t_sample,
-        "total_s": time.time() - t0,
-    }
+    log(f"wrote {len(all_prompts)} prompt grids and samples.npz ({len(train_prompts)} prompts)")
+    metrics = evaluate(config, latent_run, samples, np.concatenate([prompt_class, heldout_class]))
+    metrics.update(
+        prompts=all_prompts, train_s=t_train, sample_s=t_sample, total_s=time.time() - t0
+    )
+    metrics["per_prompt_accuracy"] = dict(zip(all_prompts, metrics.pop("per_prompt"), strict=True))
     if is_writer():
         write_json(os.path.join(workdir, "latent_metrics.json"), metrics)
     log(
-        f"held-out VAE MAE {mae:.4f} (images in [0, 1]); class accuracy with guidance "
-        f"{s.guidance_scale}: {metrics['class_accuracy_train_prompts']:.3f} (training prompts), "
+        f"held-out VAE MAE {metrics['vae_heldout_mae_01']:.4f} (images in [0, 1]); class accuracy "
+        f"with guidance {config.sample.guidance_scale}: "
+        f"{metrics['class_accuracy_train_prompts']:.3f} (training prompts), "
         f"{metrics['class_accuracy_heldout_phrasings']:.3f} (held-out phrasings)"
     )
     return metrics
+
+
+def evaluate(config, latent_run, samples: np.ndarray, classes: np.ndarray) -> dict:
+    """The autoencoder's held-out error and the class accuracy of the samples of each prompt.
+
+    Args:
+      config: the run's config.
+      latent_run: the trained run (``pipeline.LatentRun``).
+      samples: uint8 ``[P', n, H, W, C]``, the samples of the training prompts then of the
+        held-out phrasings.
+      classes: ``[P']`` the class each prompt names.
+    """
+    size, num_train = config.latent.image_size, latent_run.model.num_prompts
+    # Held-out reconstruction error of the frozen autoencoder (images in [0, 1]).
+    test_images, test_labels = data.digits_arrays("test")
+    x = images.resize(test_images, (size, size)).astype(np.float32) / 127.5 - 1.0
+    vae, vae_params = latent_run.vae, latent_run.vae_params
+    encode = lambda v: vae.apply(vae_params, v, method=AutoencoderKL.encode)[0]
+    recon = jax.jit(lambda v: vae.apply(vae_params, encode(v), method=AutoencoderKL.decode))(x)
+    mae = float(jnp.mean(jnp.abs(jnp.clip(recon, -1, 1) - x))) / 2.0
+    # Class accuracy judged by a digits classifier on 8x8 downsampled samples.
+    classifier = train_digits_classifier(config.seed)
+    n = samples.shape[1]
+    small = images.resize(samples.reshape(-1, size, size, samples.shape[-1]), (8, 8))
+    correct = classifier.predict(small).reshape(len(classes), n) == classes[:, None]
+    return {
+        "vae_heldout_mae_01": mae,
+        "scale_factor": latent_run.scale_factor,
+        "train_steps": latent_run.result.step,
+        "guidance_scale": float(config.sample.guidance_scale),
+        "samples_per_prompt": n,
+        "class_accuracy_train_prompts": float(correct[:num_train].mean()),
+        "class_accuracy_heldout_phrasings": float(correct[num_train:].mean()),
+        "per_prompt": [float(a) for a in correct.mean(1)],
+        "classifier_accuracy_on_real_test": float(classifier.accuracy(test_images, test_labels)),
+    }
 
 
 def main(argv=None) -> dict | None:

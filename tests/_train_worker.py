@@ -1,16 +1,26 @@
 """Subprocess entry for the training tests: a tiny digits run through ``ddpm_jax.cli.main``.
 
 Usage: ``python tests/_train_worker.py --workdir=DIR [--config.*=...] [--coordinator_address=...
---num_processes=N --process_id=I] [--signal_at=STEP:SIGKILL|SIGTERM]``
+--num_processes=N --process_id=I] [fault flags]``
 
-``--signal_at`` (stripped before the CLI sees the flags) makes the process send itself the
-signal right after the compiled call that completes update ``STEP``: a deterministic stand-in for
-a kill or a preemption notice arriving between checkpoints. The parent sets ``XLA_FLAGS`` (device
-count) and ``JAX_PLATFORMS``.
+Fault flags (stripped before the CLI sees the flags), deterministic stand-ins for what happens to
+real runs:
+
+- ``--signal_at=STEP:SIGKILL|SIGTERM``: the process sends itself the signal right after the
+  compiled call that completes update ``STEP`` (a kill or a preemption notice between
+  checkpoints);
+- ``--kill_in_save=STEP``: SIGKILL right after the checkpoint of ``STEP`` started writing (its
+  files are incomplete on disk);
+- ``--unreadable_on_process=P:STEP``: process ``P`` cannot read checkpoint ``STEP`` (as if its view
+  of the shared filesystem were damaged);
+- ``--fail_writes_at=STEP``: saving the checkpoint of ``STEP`` fails with ENOSPC (a full disk).
+
+The parent sets ``XLA_FLAGS`` (device count) and ``JAX_PLATFORMS``.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import signal
@@ -18,7 +28,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax  # noqa: E402
+
 from ddpm_jax import cli, train  # noqa: E402
+from ddpm_jax.checkpoint import Checkpointer  # noqa: E402
 from ddpm_jax.config import default_config  # noqa: E402
 
 
@@ -65,12 +78,52 @@ def _signal_hook(step_and_signal: str):
     return callback
 
 
+def _patch_save(step: int, action) -> None:
+    original = Checkpointer.save
+
+    def save(self, s, state):
+        if s == step:
+            return action(original, self, s, state)
+        return original(self, s, state)
+
+    Checkpointer.save = save
+
+
+def _kill_in_save(original, self, step, state):
+    started = original(self, step, state)
+    os.kill(os.getpid(), signal.SIGKILL)
+    return started
+
+
+def _disk_full(original, self, step, state):
+    raise OSError(errno.ENOSPC, "No space left on device", f"{self.directory}/{step}")
+
+
+def _unreadable_on(process_and_step: str) -> None:
+    process, step = (int(v) for v in process_and_step.split(":"))
+    original = Checkpointer._read
+
+    def read(self, s, abstract_state):
+        if s == step and jax.process_index() == process:
+            raise OSError(errno.EIO, "Input/output error (test)", f"{self.directory}/{s}")
+        return original(self, s, abstract_state)
+
+    Checkpointer._read = read
+
+
 def main(argv: list[str]) -> None:
     hook = None
     rest = []
     for arg in argv:
-        if arg.startswith("--signal_at="):
-            hook = _signal_hook(arg.split("=", 1)[1])
+        name, _, value = arg.partition("=")
+        if name == "--signal_at":
+            hook = _signal_hook(value)
+        elif name == "--kill_in_save":
+            _patch_save(int(value), _kill_in_save)
+        elif name == "--fail_writes_at":
+            _patch_save(int(value), _disk_full)
+        elif name == "--unreadable_on_process":
+            _unreadable_on(value)
         else:
             rest.append(arg)
     if hook is not None:

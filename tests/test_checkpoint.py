@@ -13,6 +13,7 @@ import pytest
 from ddpm_jax import parallel
 from ddpm_jax import state as st
 from ddpm_jax.checkpoint import Checkpointer, PreemptionGuard
+from ddpm_jax.errors import UsageError
 
 OPT = st.make_optimizer(lr=1e-3, warmup_steps=2)
 
@@ -106,7 +107,7 @@ def test_corrupt_latest_falls_back_to_previous(dp, tmp_path, capfd, damage):
     err = capfd.readouterr().err
     assert step == 4
     _assert_state_equal(restored, _state_at(dp, 4))
-    assert "warning: checkpoint 8" in err and "falling back" in err
+    assert "warning: checkpoint 8" in err and "resuming from step 4" in err
     # The bad checkpoint is moved aside (kept for inspection), so step 8 can be saved again.
     assert ckpt.all_steps() == [4]
     assert [p.split("-")[0] for p in os.listdir(d + ".corrupt")] == ["8"]
@@ -114,7 +115,7 @@ def test_corrupt_latest_falls_back_to_previous(dp, tmp_path, capfd, damage):
     ckpt.close()
 
 
-def test_all_corrupt_starts_from_scratch_and_incomplete_is_ignored(dp, tmp_path, capfd):
+def test_none_readable_is_an_error_unless_the_user_starts_over(dp, tmp_path, capfd):
     d = str(tmp_path / "ckpt")
     _save_steps(dp, d, (4,))
     os.remove(f"{d}/4/default/_METADATA")
@@ -122,11 +123,30 @@ def test_all_corrupt_starts_from_scratch_and_incomplete_is_ignored(dp, tmp_path,
     os.makedirs(f"{d}/9.orbax-checkpoint-tmp-1234/default")
     ckpt = Checkpointer(d, max_to_keep=10)
     assert ckpt.all_steps() == [4]  # the incomplete step 9 is not a checkpoint
-    restored, step = ckpt.restore_latest(_abstract(dp))
+    with pytest.raises(UsageError, match="no checkpoint .* can be restored: 4 .*--start_over"):
+        ckpt.restore_latest(_abstract(dp))
+    assert ckpt.all_steps() == [4] and not os.path.exists(d + ".corrupt")  # nothing changed
+    restored, step = ckpt.restore_latest(_abstract(dp), start_over=True)
     ckpt.close()
     assert restored is None and step is None
-    assert "starting from scratch" in capfd.readouterr().err
+    assert "starting from step 0 (--start_over)" in capfd.readouterr().err
+    assert [p.split("-")[0] for p in os.listdir(d + ".corrupt")] == ["4"]  # moved, not deleted
     assert not os.path.exists(f"{d}/9.orbax-checkpoint-tmp-1234")  # cleaned up
+
+
+def test_a_state_of_another_structure_is_a_usage_error_not_damage(dp, tmp_path):
+    d = str(tmp_path / "ckpt")
+    _save_steps(dp, d, (4, 8))
+    other = lambda: st.create_train_state({"params": {"w": jnp.zeros((2, 5))}}, OPT)
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dp.replicated),
+        jax.eval_shape(other),
+    )
+    ckpt = Checkpointer(d, max_to_keep=10)
+    with pytest.raises(UsageError, match=r"checkpoint 8 .* another structure .*\(2, 3\)"):
+        ckpt.restore_latest(abstract)
+    ckpt.close()
+    assert sorted(os.listdir(d)) == ["4", "8"] and not os.path.exists(d + ".corrupt")
 
 
 def test_preemption_guard_turns_sigterm_into_a_request():

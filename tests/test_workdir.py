@@ -34,7 +34,7 @@ def test_json_and_npz_round_trip(tmp_path):
 
 
 def test_metrics_log_appends_skips_torn_lines_and_cuts_back(tmp_path):
-    log = workdir.MetricsLog(tmp_path / "metrics.jsonl")
+    log = workdir.JsonLines(tmp_path / "metrics.jsonl")
     assert log.read() == []
     for step in (1, 2, 3):
         log.append({"step": step, "loss": 1.0 / step})

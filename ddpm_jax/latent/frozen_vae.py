@@ -22,8 +22,9 @@ import ml_collections
 import numpy as np
 
 from ddpm_jax import builders
+from ddpm_jax.checkpoint import PreemptionGuard
 from ddpm_jax.errors import UsageError
-from ddpm_jax.latent.vae_train import train_autoencoder
+from ddpm_jax.latent.vae_train import train_autoencoder, vae_optimizer
 from ddpm_jax.models.autoencoder import (
     AutoencoderKL,
     estimate_scale_factor,
@@ -32,7 +33,8 @@ from ddpm_jax.models.autoencoder import (
 )
 from ddpm_jax.workdir import VAE_TAG, atomic_open, is_writer, run_key
 
-VAE_FILE = "vae.msgpack"
+VAE_FILE = "vae.msgpack"  # the frozen autoencoder
+TRAINING_FILE = "vae_training.msgpack"  # its training state, to resume the training exactly
 
 
 def _template(vae: AutoencoderKL, seed: int, image_shape) -> Any:
@@ -72,28 +74,72 @@ def load_or_train_vae(
     workdir: str,
     images: np.ndarray,
     log: Callable[[str], None] = print,
-) -> tuple[AutoencoderKL, Any]:
+    preemption: PreemptionGuard | None = None,
+) -> tuple[AutoencoderKL, Any] | None:
     """The frozen autoencoder of a run: ``workdir/vae.msgpack`` if present, else trained on
-    ``images`` ([N, H, W, C] float32 in [-1, 1]) and saved there (so a resumed run reuses it)."""
+    ``images`` ([N, H, W, C] float32 in [-1, 1]) and saved there (so a resumed run reuses it).
+
+    Training resumes exactly: its state is saved to ``vae_training.msgpack`` every
+    ``config.train.checkpoint_every`` steps and on a preemption notice, and step ``i`` draws its
+    batch and noise from ``(seed, i)`` alone.
+
+    Returns:
+      ``(vae, params)``, or None when ``preemption`` asked to stop (the state was saved).
+    """
     if os.path.exists(os.path.join(workdir, VAE_FILE)):
         log(f"loaded the frozen autoencoder from {os.path.join(workdir, VAE_FILE)}")
         return load_vae(config, workdir, images.shape[1:])
     vae = builders.build_vae(config, images.shape[-1])
-    c = config.latent
+    c, every = config.latent, config.train.checkpoint_every
+    key = run_key(config.seed, VAE_TAG)
+    params = _template(vae, config.seed, images.shape[1:])
+    opt_state = jax.eval_shape(vae_optimizer(c.vae_lr, c.vae_steps).init, params)
+    state_path = os.path.join(workdir, TRAINING_FILE)
+    start = 0
+    if os.path.exists(state_path):
+        with open(state_path, "rb") as f:
+            template = {"step": 0, "params": params, "opt_state": opt_state}
+            state = flax.serialization.from_bytes(template, f.read())
+        start, params, opt_state = int(state["step"]), state["params"], state["opt_state"]
+        log(f"resuming the autoencoder's training from step {start} ({state_path})")
+    else:
+        params = opt_state = None
+    stopped = []
+
+    def save(step: int, params: Any, opt_state: Any) -> None:
+        if is_writer():
+            state = {"step": step, "params": params, "opt_state": opt_state}
+            with atomic_open(state_path, "wb") as f:
+                f.write(flax.serialization.to_bytes(jax.device_get(state)))
+
+    def callback(step: int, params: Any, opt_state: Any) -> bool:
+        if preemption is not None and preemption.reached(step):
+            save(step, params, opt_state)
+            stopped.append(step)
+            return True
+        if step % every == 0 and step < c.vae_steps:
+            save(step, params, opt_state)
+        return False
+
     t0 = time.time()
     params, hist = train_autoencoder(
         vae,
         images,
-        run_key(config.seed, VAE_TAG),
+        key,
         num_steps=c.vae_steps,
         batch_size=min(c.vae_batch_size, len(images)),
         learning_rate=c.vae_lr,
         kl_weight=c.vae_kl_weight,
+        params=params,
+        opt_state=opt_state,
+        start_step=start,
+        callback=callback,
     )
-    log(
-        f"autoencoder: {c.vae_steps} steps in {time.time() - t0:.0f} s, final train L1 "
-        f"{float(np.mean(hist['recon'][-20:])):.4f}"
-    )
+    if stopped:
+        log(f"preempted (SIGTERM): saved the autoencoder's training at step {stopped[0]}")
+        return None
+    recon = f", final train L1 {np.mean(hist['recon'][-20:]):.4f}" if len(hist["recon"]) else ""
+    log(f"autoencoder: {c.vae_steps - start} steps in {time.time() - t0:.0f} s{recon}")
     if is_writer():
         with atomic_open(os.path.join(workdir, VAE_FILE), "wb") as f:
             f.write(flax.serialization.to_bytes(jax.device_get(params)))
@@ -147,4 +193,11 @@ def make_decode_fn(
     return decode
 
 
-__all__ = ["VAE_FILE", "encode_latents", "load_or_train_vae", "load_vae", "make_decode_fn"]
+__all__ = [
+    "TRAINING_FILE",
+    "VAE_FILE",
+    "encode_latents",
+    "load_or_train_vae",
+    "load_vae",
+    "make_decode_fn",
+]

@@ -11,6 +11,7 @@ and trains a :class:`~ddpm_jax.models.text.PromptUNet` on those pairs with the o
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,6 +22,7 @@ import numpy as np
 
 from ddpm_jax import builders, data, images, schedules, train
 from ddpm_jax import config as config_lib
+from ddpm_jax.checkpoint import PreemptionGuard
 from ddpm_jax.latent import frozen_vae
 from ddpm_jax.models.autoencoder import AutoencoderKL
 from ddpm_jax.models.text import PromptUNet, Tokenizer
@@ -63,11 +65,16 @@ def train_latent(
     prompts: Sequence[str],
     prompt_class: np.ndarray,
     log: Callable[[str], None] = print,
-) -> LatentRun:
+    *,
+    preemption: PreemptionGuard | None = None,
+    start_over: bool = False,
+) -> LatentRun | None:
     """Latent diffusion end to end: frozen VAE → scaled latents → prompt-conditioned run loop.
 
     Every image is paired with every prompt naming its class (one dataset example per pair);
-    ``train.p_uncond`` drops prompts to the empty one.
+    ``train.p_uncond`` drops prompts to the empty one. A re-run on the same ``workdir`` is checked
+    against the saved config first (``train.check_resume``) and resumes whichever phase was
+    interrupted; SIGTERM in either phase saves its state and returns None.
 
     Args:
       config: a ``default_config()`` with a ``latent`` section (``config.latent_config()``);
@@ -77,6 +84,12 @@ def train_latent(
       classes: [N] int32 class of each image.
       prompts: P prompts; ``prompt_class[p]`` is the class prompt ``p`` names.
       log: progress printer.
+      preemption: the caller's active guard, to stop the autoencoder's training on SIGTERM (the
+        diffusion phase has its own); None: that phase ignores preemption notices.
+      start_over: see ``ddpm_jax.train.run``.
+
+    Returns:
+      The :class:`LatentRun`, or None when a preemption notice stopped the training.
 
     Raises:
       UsageError: an invalid config or work directory (before anything is compiled).
@@ -89,12 +102,17 @@ def train_latent(
     tokenizer = Tokenizer.from_prompts(prompts, max_length=c.text_max_length)
     model = builders.build_prompt_unet(config, tokenizer, prompts)
     workdir = check_workdir(workdir)
-    os.makedirs(workdir, exist_ok=True)
-
+    train.check_resume(config, workdir)  # before anything is written
+    config_path = os.path.join(workdir, "config.json")
+    if is_writer() and not os.path.exists(config_path):  # a re-run of the VAE phase compares too
+        write_json(config_path, json.loads(config.to_json()))
     if images_uint8.shape[1:3] != (c.image_size, c.image_size):
         images_uint8 = images.resize(images_uint8, (c.image_size, c.image_size))
     x = images_uint8.astype(np.float32) / 127.5 - 1.0
-    vae, vae_params = frozen_vae.load_or_train_vae(config, workdir, x, log)
+    vae_and_params = frozen_vae.load_or_train_vae(config, workdir, x, log, preemption)
+    if vae_and_params is None:
+        return None
+    vae, vae_params = vae_and_params
     latents, scale = frozen_vae.encode_latents(vae, vae_params, x)
     log(f"latents {latents.shape[1:]} (scale factor 1/std = {scale:.4f})")
     if is_writer():
@@ -125,7 +143,14 @@ def train_latent(
         name="latents",
     )
     decode_fn = frozen_vae.make_decode_fn(vae, vae_params, scale)
-    result = train.run(config, workdir, model=model, dataset=dataset, decode_fn=decode_fn)
+    if preemption is not None and preemption.requested:
+        log("preempted (SIGTERM) before the diffusion phase; run the same command again")
+        return None
+    result = train.run(
+        config, workdir, model=model, dataset=dataset, decode_fn=decode_fn, start_over=start_over
+    )
+    if result.status == "preempted":
+        return None
     return LatentRun(
         result=result,
         model=model,

@@ -93,8 +93,11 @@ def sample_from_tokens(
 
 
 def sample_prompt_images(
-    config: ml_collections.ConfigDict, run: Any, prompts: Sequence[str]
-) -> np.ndarray:
+    config: ml_collections.ConfigDict,
+    run: Any,
+    prompts: Sequence[str],
+    should_stop: Callable[[], bool] | None = None,
+) -> np.ndarray | None:
     """``config.latent.samples_per_prompt`` decoded samples of every prompt, with guidance.
 
     Uses the EMA parameters of ``run`` (a ``ddpm_jax.latent.pipeline.LatentRun``),
@@ -103,7 +106,8 @@ def sample_prompt_images(
     Deterministic in ``config.seed``.
 
     Returns:
-      uint8 [len(prompts), samples_per_prompt, H, W, C].
+      uint8 [len(prompts), samples_per_prompt, H, W, C]; None when ``should_stop()`` became
+      true (checked after each batch, e.g. a preemption notice).
     """
     s, n = config.sample, config.latent.samples_per_prompt
     sample_fn = jax.jit(
@@ -134,6 +138,8 @@ def sample_prompt_images(
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
         imgs = sample_fn(run.result.ema_params, jax.random.fold_in(key, i), chunk, s.guidance_scale)
         out.append(np.asarray(images_lib.to_uint8(imgs))[: batch - pad])
+        if should_stop is not None and should_stop():
+            return None
     out = np.concatenate(out)
     return out.reshape(len(prompts), n, *out.shape[1:])
 

@@ -9,6 +9,7 @@ multiplied by :func:`ddpm_jax.models.autoencoder.estimate_scale_factor` of the t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -54,6 +55,11 @@ def vae_loss(
     return loss, {"recon": jnp.mean(err), "kl": jnp.mean(kl), "loss": loss}
 
 
+def vae_optimizer(learning_rate: float, num_steps: int) -> optax.GradientTransformation:
+    """Adam with the learning rate decayed along a cosine to 1% over ``num_steps``."""
+    return optax.adam(optax.cosine_decay_schedule(learning_rate, num_steps, alpha=0.01))
+
+
 def train_autoencoder(
     module: AutoencoderKL,
     images: np.ndarray | jax.Array,
@@ -65,6 +71,9 @@ def train_autoencoder(
     kl_weight: float = 1e-6,
     recon_loss: str = "l1",
     params: Any = None,
+    opt_state: Any = None,
+    start_step: int = 0,
+    callback: Callable[[int, Any, Any], bool] | None = None,
 ) -> tuple[Any, dict[str, np.ndarray]]:
     """Train the autoencoder with Adam (cosine-decayed learning rate) on random minibatches.
 
@@ -79,10 +88,15 @@ def train_autoencoder(
         kl_weight: weight of the KL term, see :func:`vae_loss`.
         recon_loss: "l1" or "l2", see :func:`vae_loss`.
         params: variables to start from; freshly initialised when None.
+        opt_state / start_step: resume a run of this function: the optimizer state (of
+            :func:`vae_optimizer`) after ``start_step`` steps; step ``i`` is the same
+            computation whether or not the run was resumed.
+        callback: ``callback(steps_done, params, opt_state) -> stop`` after every step (to
+            checkpoint, or to stop early on a preemption notice).
 
     Returns:
         (params, history): trained variables ``{"params": ...}`` and per-step float32 arrays
-        ``history["loss" | "recon" | "kl"]`` of shape [num_steps].
+        ``history["loss" | "recon" | "kl"]`` of the steps run.
     """
     images = jnp.asarray(images, jnp.float32)
     if images.ndim != 4:
@@ -102,9 +116,9 @@ def train_autoencoder(
     init_key, loop_key = jax.random.split(key)
     if params is None:
         params = module.init(init_key, images[:1], sample_posterior=False)
-    schedule = optax.cosine_decay_schedule(learning_rate, num_steps, alpha=0.01)
-    optimizer = optax.adam(schedule)
-    opt_state = optimizer.init(params)
+    optimizer = vae_optimizer(learning_rate, num_steps)
+    if opt_state is None:
+        opt_state = optimizer.init(params)
 
     @jax.jit
     def step(params, opt_state, images, step_index):
@@ -117,8 +131,11 @@ def train_autoencoder(
         return optax.apply_updates(params, updates), opt_state, aux
 
     history = {"loss": [], "recon": [], "kl": []}
-    for i in range(num_steps):
+    for i in range(start_step, num_steps):
         params, opt_state, aux = step(params, opt_state, images, i)
         for name in history:
             history[name].append(aux[name])
-    return params, {name: np.asarray(jnp.stack(v), np.float32) for name, v in history.items()}
+        if callback is not None and callback(i + 1, params, opt_state):
+            break
+    stack = lambda v: np.asarray(jnp.stack(v), np.float32) if v else np.zeros(0, np.float32)
+    return params, {name: stack(v) for name, v in history.items()}
