@@ -1,19 +1,20 @@
 """Evaluate a trained run: ``python -m experiments.evaluate --workdir=RUN [flags]``.
 
-Samples ``--num_samples`` images from the EMA parameters of the run's newest checkpoint with
-``--method`` / ``--num_steps`` / ``--guidance_scale`` (defaults: the run's ``sample.*`` config),
-sharded over all devices, scores them against cached reference statistics of the training split
-(digits: digits-FID, KID, class accuracy; other datasets: Inception FID, KID, IS with
-``--inception_path``) and writes ``<out>.json`` and a PNG grid ``<out>.png`` (default
-``RUN/eval/<method>_<steps>_g<scale>_n<N>_seed<seed>.json``).
+Samples ``--num_samples`` images from the EMA parameters of the run's newest checkpoint (a pixel
+or a latent run) with ``--method`` / ``--num_steps`` / ``--guidance_scale`` (defaults: the run's
+``sample.*`` config), sharded over all devices, scores them against cached reference statistics
+of the training split at the samples' size (digits: digits-FID, KID, class accuracy; other
+datasets: Inception FID, KID, IS with ``--inception_path``) and writes ``<out>.json`` and a PNG
+grid ``<out>.png`` (default ``RUN/eval/<method>_<steps>_g<scale>_n<N>_seed<seed>.json``). The
+dataset is read only when its reference statistics are not cached yet.
 
 ``--sweep`` instead runs the metrics against the number of steps for each method of
 ``--sweep_steps`` and against the guidance scales of ``--sweep_guidance``, plus the held-out test
-split as the floor, and writes ``sweep.json``, ``sweep.md`` and two PNG plots into ``--out``
+split as the floor, and writes ``sweep.json``, ``sweep.md`` and two PNG charts into ``--out``
 (default ``RUN/eval/sweep``).
 
 A user's mistake (no such run, no checkpoint, a bad flag value, missing Inception weights
-offline) is ONE line on stderr with exit code 2.
+offline, data that is not prepared on a cache miss) is ONE line on stderr with exit code 2.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from collections.abc import Sequence
 
 from absl import flags
 
-EXIT_USAGE = 2
+from ddpm_jax import cli
+from ddpm_jax.errors import UsageError
+
 DEFAULT_SWEEP_STEPS = "ddpm:full;ddim:10,20,50,100;dpmpp_2m:10,20"
 
 
@@ -51,65 +54,70 @@ def _define_flags() -> flags.FlagValues:
     return fv
 
 
-def _fail(message: str) -> None:
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_USAGE)
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
-    """Parses flags, evaluates (or sweeps) and writes the outputs; returns the report."""
+    """Parses flags, evaluates (or sweeps) and writes the outputs; returns the report.
+
+    Exits with code 2 and one line on stderr on a user's mistake (``ddpm_jax.cli.guarded``).
+    """
     argv = list(sys.argv if argv is None else argv)
     if "--help" in argv or "-h" in argv:
         print(__doc__)
         print(_define_flags().main_module_help())
         sys.exit(0)
+    return cli.guarded(_main, argv)
+
+
+def _parse(argv: list[str]) -> flags.FlagValues:
     fv = _define_flags()
     try:
         extra = fv(argv)[1:]
     except flags.Error as e:
-        _fail(f"bad command line: {e}")
+        raise UsageError(f"bad command line: {e}") from None
     if extra:
-        _fail(f"unexpected positional arguments {extra}")
+        raise UsageError(f"unexpected positional arguments {extra}")
     if not fv.workdir:
-        _fail("--workdir is missing: pass a training run's work directory")
+        raise UsageError("--workdir is missing: pass a training run's work directory")
+    return fv
 
-    import jax
 
-    from ddpm_jax import data, train
-    from ddpm_jax import evaluate as ev
+def _main(argv: list[str]) -> dict:
+    fv = _parse(argv)
 
-    try:
-        run = train.load_run(fv.workdir)
-        s = run.config.sample
-        method = fv.method if fv.method is not None else s.method
-        num_steps = fv.num_steps if fv.num_steps is not None else s.num_steps
-        scale = fv.guidance_scale if fv.guidance_scale is not None else s.guidance_scale
-        ev.check_sampling(run, method, num_steps, scale, fv.num_samples, fv.eta)
-        if fv.sweep:
-            steps = ev.parse_steps_spec(fv.sweep_steps, run.config.diffusion.num_timesteps)
-            try:
-                scales = [float(g) for g in fv.sweep_guidance.split(",") if g.strip()]
-            except ValueError:
-                raise ValueError(f"sweep_guidance={fv.sweep_guidance!r} is invalid") from None
-            try:
-                for m, ns in steps.items():
-                    for n in ns:
-                        ev.check_sampling(run, m, n, scale, fv.num_samples, fv.eta)
-            except ValueError as e:
-                raise ValueError(f"--sweep_steps={fv.sweep_steps!r}: {e}") from None
-        evaluator = ev.Evaluator(
-            run,
-            cache_dir=fv.cache_dir,
-            inception_path=fv.inception_path,
-            kid_num_subsets=fv.kid_num_subsets,
-        )
-    except (ValueError, RuntimeError, data.DataUnavailableError) as e:
-        _fail(str(e))
+    from ddpm_jax.evaluation import evaluate as ev
+    from ddpm_jax.evaluation import report
+    from ddpm_jax.generate import load_run
+    from ddpm_jax.workdir import is_writer, log
+
+    run = load_run(fv.workdir)
+    s, T = run.config.sample, run.schedule.num_timesteps
+    method = fv.method if fv.method is not None else s.method
+    num_steps = fv.num_steps if fv.num_steps is not None else s.num_steps
+    scale = fv.guidance_scale if fv.guidance_scale is not None else s.guidance_scale
+    setting = dict(guidance_scale=scale, num_samples=fv.num_samples, eta=fv.eta)
+    ev.check_sampling(T, method=method, num_steps=num_steps, **setting)
+    if fv.sweep:
+        steps = ev.parse_steps_spec(fv.sweep_steps, T)
+        try:
+            scales = [float(g) for g in fv.sweep_guidance.split(",") if g.strip()]
+        except ValueError:
+            raise UsageError(f"sweep_guidance={fv.sweep_guidance!r} is invalid") from None
+        try:
+            for m, ns in steps.items():
+                for n in ns:
+                    ev.check_sampling(T, method=m, num_steps=n, **setting)
+        except UsageError as e:
+            raise UsageError(f"--sweep_steps={fv.sweep_steps!r}: {e}") from None
+    run_evaluator = ev.RunEvaluator(
+        run,
+        cache_dir=fv.cache_dir,
+        inception_path=fv.inception_path,
+        kid_num_subsets=fv.kid_num_subsets,
+    )
     eval_dir = os.path.join(run.workdir, "eval")
     if fv.sweep:
         ddpm_n = fv.sweep_ddpm_num_samples
         result = ev.sweep(
-            evaluator,
+            run_evaluator,
             steps=steps,
             guidance_scales=scales,
             guidance_scale=scale,
@@ -120,12 +128,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
             eta=fv.eta,
             seed=fv.seed,
         )
-        if jax.process_index() == 0:
-            paths = ev.write_sweep(result, fv.out or os.path.join(eval_dir, "sweep"))
-            print(ev.sweep_markdown(result))
-            print("wrote " + ", ".join(paths.values()))
+        if is_writer():
+            paths = report.write_sweep(result, fv.out or os.path.join(eval_dir, "sweep"))
+            log(report.sweep_markdown(result))
+            log("wrote " + ", ".join(paths.values()))
         return result
-    report, imgs = evaluator.evaluate(
+    result, imgs = run_evaluator.evaluate(
         method=method,
         num_steps=num_steps,
         guidance_scale=scale,
@@ -134,11 +142,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         seed=fv.seed,
     )
     name = f"{method}_{num_steps}_g{scale:g}_n{fv.num_samples}_seed{fv.seed}.json"
-    if jax.process_index() == 0:
-        out, grid = ev.write_report(report, imgs, fv.out or os.path.join(eval_dir, name))
-        print(f"metrics: {report['metrics']}")
-        print(f"wrote {out} and {grid}")
-    return report
+    if is_writer():
+        out, grid = report.write_report(result, imgs, fv.out or os.path.join(eval_dir, name))
+        log(f"metrics: {result['metrics']}")
+        log(f"wrote {out} and {grid}")
+    return result
 
 
 if __name__ == "__main__":
