@@ -41,7 +41,7 @@ UNET_CONFIG = {
     "downsample_padding": 0,
     "attention_head_dim": None,
 }
-# google/ddpm-cifar10-32's scheduler_config.json as published (diffusers 0.1.1 keys).
+# The google/ddpm-* scheduler_config.json as published (diffusers 0.1.1 keys).
 DDPM_SCHEDULER_CONFIG = {
     "_class_name": "DDPMScheduler",
     "_diffusers_version": "0.1.1",
@@ -50,8 +50,6 @@ DDPM_SCHEDULER_CONFIG = {
     "beta_start": 0.0001,
     "clip_sample": True,
     "num_train_timesteps": 1000,
-    "tensor_format": "pt",
-    "timestep_values": None,
     "trained_betas": None,
     "variance_type": "fixed_small",
 }
@@ -201,7 +199,9 @@ def test_scheduler_options_map_onto_ours():
     assert settings().prediction == "eps" and settings().clip_x0 == 1.0
     assert settings(prediction_type="sample").prediction == "x0"
     assert settings(prediction_type="v_prediction").prediction == "v"
-    assert settings(predict_epsilon=False).prediction == "x0"  # the legacy boolean
+    assert settings(predict_epsilon=False).prediction == "x0"  # legacy keys
+    legacy = settings(tensor_format="pt", timestep_values=None)
+    assert legacy[1:] == settings()[1:] and legacy.schedule.num_timesteps == 1000
     assert settings(clip_sample=False).clip_x0 is None
     assert settings(clip_sample_range=2.0).clip_x0 == 2.0
     assert settings(variance_type="fixed_large").variance == "fixed_large"

@@ -22,11 +22,11 @@ from ddpm_jax.errors import UsageError
 from ddpm_jax.weights import load_diffusers_unet
 from ddpm_jax.weights.diffusers_unet import UNET_DEFAULTS, unet_torch_name
 
-# google/ddpm-cifar10-32's config.json as published (the keys diffusers 0.1.1 wrote; the others
+# google/ddpm-cifar10-32's config.json as published (the keys diffusers 0.0.4 wrote; the others
 # take diffusers' defaults).
 CIFAR10_CONFIG = {
     "_class_name": "UNet2DModel",
-    "_diffusers_version": "0.1.1",
+    "_diffusers_version": "0.0.4",
     "act_fn": "silu",
     "attention_head_dim": None,
     "block_out_channels": [128, 256, 256, 256],
