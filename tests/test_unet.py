@@ -3,8 +3,8 @@
 Known answers: the exact CIFAR-10 parameter count of Ho et al.; exact identity-at-init from the
 zero-initialised last layers; and, when torch and diffusers are installed, numerical equality with
 diffusers' ``UNet2DModel`` (additive and scale-shift residual blocks, class embedding, multi-head
-attention) and ``Transformer2DModel`` (the spatial-transformer block of layers.py, here because it
-shares the weight conversion) after converting their weights.
+attention) and ``Transformer2DModel`` (the spatial-transformer block of attention.py, here because
+it shares the reference) after converting their weights with ``ddpm_jax.weights``' converter.
 
 Several tests perturb the parameters first: the zero-initialised last convolutions make the
 network output exactly zero at initialisation (and every residual block the identity on its
@@ -12,7 +12,6 @@ shortcut), so no input -- t, y, context -- could change anything until those wei
 """
 
 import functools
-import re
 
 import flax.linen as nn
 import jax
@@ -23,6 +22,8 @@ import pytest
 from ddpm_jax.models.attention import SpatialTransformer
 from ddpm_jax.models.layers import ResBlock
 from ddpm_jax.models.unet import CIFAR10_DDPM, UNet, cifar10_ddpm
+from ddpm_jax.weights.diffusers import convert_state_dict
+from ddpm_jax.weights.diffusers_unet import convert_unet_weights
 
 # Tests compile many small programs; XLA's LLVM optimisation level 0 halves compile time on CPU
 # and does not change what is computed.
@@ -405,67 +406,6 @@ def test_jit_and_grad_finite(class_model):
 # ----------------------------------------------------------------------------------------------
 # Reference implementation: diffusers (skipped when torch / diffusers are not installed).
 
-_RULES = [
-    (r"^time_embedding\.linear_(\d)\.", lambda m: f"temb_dense{int(m[1]) - 1}."),
-    (r"^class_embedding\.weight$", lambda m: "label_emb.embedding"),
-    (r"^conv_norm_out\.", lambda m: "norm_out."),
-    (r"^mid_block\.resnets\.(\d)\.", lambda m: f"mid_block_{int(m[1]) + 1}."),
-    (r"^mid_block\.attentions\.0\.", lambda m: "mid_attn."),
-]
-_LEAF = {
-    "time_emb_proj": "temb_proj",
-    "conv_shortcut": "shortcut",
-    "group_norm": "norm",
-    "to_q": "q",
-    "to_k": "k",
-    "to_v": "v",
-    "to_out.0": "proj_out",
-}
-
-
-def _flax_path(key, levels):
-    for pattern, repl in _RULES:
-        key = re.sub(pattern, repl, key)
-    key = re.sub(
-        r"^down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.",
-        lambda m: f"down_{m[1]}_{'block' if m[2] == 'resnets' else 'attn'}_{m[3]}.",
-        key,
-    )
-    key = re.sub(r"^down_blocks\.(\d+)\.downsamplers\.0\.", r"down_\1_downsample.", key)
-    level = lambda k: levels - 1 - int(k)
-    key = re.sub(
-        r"^up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.",
-        lambda m: f"up_{level(m[1])}_{'block' if m[2] == 'resnets' else 'attn'}_{m[3]}.",
-        key,
-    )
-    key = re.sub(
-        r"^up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"up_{level(m[1])}_upsample.", key
-    )
-    head, _, leaf = key.rpartition(".")
-    for old, new in _LEAF.items():
-        head = re.sub(rf"(^|\.){re.escape(old)}$", rf"\g<1>{new}", head)
-    return head.split(".") + [leaf]
-
-
-def _torch_to_flax(state_dict, path_fn, is_norm):
-    """Converts a torch state dict to a nested Flax params dict."""
-    params = {}
-    for key, value in state_dict.items():
-        path = path_fn(key)
-        value = value.detach().double().numpy()
-        leaf = path[-1]
-        if leaf == "weight" and value.ndim == 4:
-            path[-1], value = "kernel", value.transpose(2, 3, 1, 0)
-        elif leaf == "weight" and value.ndim == 2:
-            path[-1], value = "kernel", value.T
-        elif leaf == "weight":
-            path[-1] = "scale" if is_norm(path) else "kernel"
-        node = params
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = jnp.asarray(value, jnp.float32)
-    return {"params": params}
-
 
 def _randomise_torch(module, seed):
     import torch
@@ -529,9 +469,8 @@ def test_matches_diffusers_unet2d(conditioning, num_heads, num_classes):
     )
     x, t = _inputs()
     y = None if num_classes is None else jnp.array([1, num_classes])
-    params = _torch_to_flax(
-        ref.state_dict(), lambda k: _flax_path(k, len(block_out)), lambda p: "norm" in p[-2]
-    )
+    state = {k: v.numpy() for k, v in ref.state_dict().items()}
+    params = convert_unet_weights(model, state, in_channels=C, height=8)
     _assert_same_tree(params, jax.eval_shape(model.init, jax.random.key(0), x, t, y))
     out = np.asarray(_jit(model.apply)(params, x, t, y))
     with torch.no_grad():
@@ -561,22 +500,21 @@ def test_spatial_transformer_matches_diffusers_transformer2d():
         norm_num_groups=8,
     ).eval()
     _randomise_torch(ref, 1)
-    leaf_names = {"ff.net.0.proj": "ff_in", "ff.net.2": "ff_out", "to_out.0": "to_out"}
+    block_names = {"ff_in": "ff.net.0.proj", "ff_out": "ff.net.2", "to_out": "to_out.0"}
 
-    def path_fn(key):
-        key = key.replace("transformer_blocks.0.", "")
-        for old, new in leaf_names.items():
-            key = key.replace(old, new)
-        return key.split(".")
+    def name_fn(path):  # our path -> diffusers' key; 1x1-conv projections become Dense
+        *modules, leaf = (block_names.get(p, p) for p in path)
+        if modules[0] not in ("norm", "proj_in", "proj_out"):
+            modules.insert(0, "transformer_blocks.0")
+        return ".".join([*modules, "bias" if leaf == "bias" else "weight"])
 
-    params = _torch_to_flax(ref.state_dict(), path_fn, lambda p: p[-2].startswith("norm"))
-    # 1x1 convolutions are Dense layers here.
-    for name in ("proj_in", "proj_out"):
-        params["params"][name]["kernel"] = params["params"][name]["kernel"][0, 0]
     block = SpatialTransformer(num_heads=2, num_groups=8)
     x = jax.random.normal(jax.random.key(0), (2, 4, 4, 32))
     ctx = jax.random.normal(jax.random.key(1), (2, 5, 8))
-    _assert_same_tree(params, jax.eval_shape(block.init, jax.random.key(0), x, ctx))
+    shapes = jax.eval_shape(block.init, jax.random.key(0), x, ctx)
+    state = {k: v.numpy() for k, v in ref.state_dict().items()}
+    params = {"params": convert_state_dict(shapes["params"], state, name_fn=name_fn)}
+    _assert_same_tree(params, shapes)
     out = np.asarray(_jit(block.apply)(params, x, ctx))
     with torch.no_grad():
         ref_out = (

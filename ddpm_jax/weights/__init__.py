@@ -3,7 +3,11 @@
 - :mod:`ddpm_jax.weights.pth`: the safe reader of ``torch.save`` files (no arbitrary
   unpickling).
 - :mod:`ddpm_jax.weights.diffusers`: checkpoints in the diffusers layout (the Stable-Diffusion
-  VAE).
+  VAE, and the file reading and key conversion the other diffusers loaders share).
+- :mod:`ddpm_jax.weights.diffusers_unet`: a diffusers ``UNet2DModel`` (the published DDPM
+  checkpoints) in our UNet.
+- :mod:`ddpm_jax.weights.diffusers_pipeline`: a DDPM / DDIM pipeline folder: the UNet plus the
+  schedule, prediction type, clipping and variance of its ``scheduler_config.json``.
 - :mod:`ddpm_jax.weights.fid_inception`: pytorch-fid's FID Inception weights (download + load).
 
 A missing or damaged file, or one that does not fit the network, raises
@@ -12,6 +16,8 @@ A missing or damaged file, or one that does not fit the network, raises
 """
 
 from ddpm_jax.weights.diffusers import load_diffusers_vae
+from ddpm_jax.weights.diffusers_pipeline import DiffusersPipeline, load_diffusers_pipeline
+from ddpm_jax.weights.diffusers_unet import load_diffusers_unet
 from ddpm_jax.weights.fid_inception import (
     FID_WEIGHTS_URL,
     download_fid_weights,
@@ -22,9 +28,12 @@ from ddpm_jax.weights.pth import UnsafePickleError, load_pth, load_state_dict
 
 __all__ = [
     "FID_WEIGHTS_URL",
+    "DiffusersPipeline",
     "UnsafePickleError",
     "download_fid_weights",
     "inception_from_pth",
+    "load_diffusers_pipeline",
+    "load_diffusers_unet",
     "load_diffusers_vae",
     "load_pth",
     "load_state_dict",

@@ -1,4 +1,4 @@
-"""Checkpoints in the diffusers layout, loaded into our Flax modules (today: the VAE).
+"""Checkpoints in the diffusers layout: the shared file reading and key conversion, and the VAE.
 
 A diffusers model folder holds ``config.json`` and ``diffusion_pytorch_model.safetensors`` (or,
 saved with ``safe_serialization=False``, ``diffusion_pytorch_model.bin``: a ``torch.save``d state
@@ -6,8 +6,9 @@ dict, read with the safe reader of :mod:`ddpm_jax.weights.pth`); a pipeline fold
 folder per model (``vae/``, ``unet/``, ...). The first part of this module does not depend on the
 model: finding the files (:func:`find_model_files`), reading them (:func:`read_config`,
 :func:`read_state_dict`) and converting a torch state dict to the parameters of a Flax module whose
-module names follow diffusers' (:func:`convert_state_dict`). Weights are read with
-``safetensors.numpy`` (no torch needed) and cast to float32.
+module names follow diffusers' (:func:`convert_state_dict`; other names through its ``name_fn``,
+as :mod:`ddpm_jax.weights.diffusers_unet` does). Weights are read with ``safetensors.numpy`` (no
+torch needed) and cast to float32.
 
 The second part is the VAE. ``config.json`` maps onto
 :class:`ddpm_jax.models.autoencoder.AutoencoderKL` (same keys, :func:`vae_config_from_diffusers`);
@@ -30,7 +31,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import jax
@@ -170,17 +171,22 @@ def _to_flax_layout(
 
 
 def convert_state_dict(
-    param_shapes: Mapping, state_dict: Mapping[str, np.ndarray], *, source: str = "weights"
+    param_shapes: Mapping,
+    state_dict: Mapping[str, np.ndarray],
+    *,
+    source: str = "weights",
+    name_fn: Callable[[tuple[str, ...]], str] = torch_name,
 ) -> dict:
-    """Converts a diffusers state dict to the ``params`` of a module with diffusers' names.
+    """Converts a diffusers state dict to the ``params`` of a Flax module.
 
     Args:
         param_shapes: the module's ``params`` tree of arrays or ``jax.ShapeDtypeStruct`` (e.g.
-            ``jax.eval_shape(module.init, ...)["params"]``); paths map to keys by
-            :func:`torch_name`.
+            ``jax.eval_shape(module.init, ...)["params"]``); paths map to keys by ``name_fn``.
         state_dict: diffusers parameter names (old or new attention names) → arrays in torch
             layout (float16 or float32).
         source: names the weights in error messages (the file).
+        name_fn: Flax parameter path → diffusers key (current attention names); the default,
+            :func:`torch_name`, is for modules whose names follow diffusers' (the VAE).
 
     Returns:
         The ``params`` tree, float32 arrays of the shapes of ``param_shapes``.
@@ -189,7 +195,7 @@ def convert_state_dict(
         UsageError: naming the first missing or unexpected keys, or a key whose shape differs.
     """
     flat_shapes = traverse_util.flatten_dict(param_shapes)
-    expected = {torch_name(path): path for path in flat_shapes}
+    expected = {name_fn(path): path for path in flat_shapes}
     given = {}
     for key, value in state_dict.items():
         name = _canonical_torch_name(key)
