@@ -21,7 +21,8 @@ Methods (``method``), with their model evaluations per sample:
   churn), Euler for the last step to σ = 0. ``2N - 1`` evaluations.
 
 Default grids (``timestep_spacing=None``): ``"uniform"`` for ddpm / ddim (Song et al.),
-``"logsnr"`` for dpmpp_2m (Lu et al.), ``"karras"`` (ρ = 7) for heun; see :func:`timesteps`.
+``"logsnr"`` for dpmpp_2m (Lu et al.), ``"karras"`` (ρ = 7) for heun; see
+:func:`ddpm_jax.spacing.timesteps` (also importable as ``samplers.timesteps``).
 
 The functions are traceable: wrap the sampler in ``jax.jit`` (the schedule, ``key``, ``eta``,
 ``x_T`` and anything ``model_fn`` closes over stay traced, so changing them does not recompile)::
@@ -48,11 +49,10 @@ import numpy as np
 
 from ddpm_jax import diffusion
 from ddpm_jax.schedules import Schedule
+from ddpm_jax.spacing import SPACINGS, check_num_steps, timesteps
 
 METHODS = ("ddpm", "ddim", "dpmpp_2m", "heun")
-SPACINGS = ("uniform", "quadratic", "trailing", "logsnr", "karras")
 DEFAULT_SPACINGS = {"ddpm": "uniform", "ddim": "uniform", "dpmpp_2m": "logsnr", "heun": "karras"}
-KARRAS_RHO = 7.0
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -66,103 +66,10 @@ def _check_choice(name: str, value, allowed) -> None:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
-def _check_num_steps(num_steps, num_timesteps: int) -> None:
-    if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool):
-        raise ValueError(f"num_steps must be a Python int, got {num_steps!r}")
-    if not 2 <= num_steps <= num_timesteps:
-        raise ValueError(
-            f"num_steps must be in [2, T={num_timesteps}] (a grid starts at a noisy timestep and "
-            f"ends at t = 0), got {num_steps}"
-        )
-
-
 def num_model_evals(method: str, num_steps: int) -> int:
     """Network evaluations per sample: ``num_steps``, or ``2 * num_steps - 1`` for "heun"."""
     _check_choice("method", method, METHODS)
     return 2 * num_steps - 1 if method == "heun" else num_steps
-
-
-def _distinct_increasing(rounded, num_timesteps: int, xp=np):
-    """Turns rounded increasing positions into distinct ints 0 = u_0 < u_1 < … < u_{N-1} < T.
-
-    Positions that land on an earlier one move up by the fewest steps (u_j = max(r_j, u_{j-1} + 1)),
-    then the top is pushed back under T (u_j = min(u_j, u_{j+1} - 1)); both sweeps are cumulative
-    max / min, so this works for NumPy and traced ``jnp`` arrays (``xp``) alike.
-    """
-    n = rounded.shape[0]
-    idx = xp.arange(n, dtype=np.int32)
-    r = xp.clip(rounded, 0, num_timesteps - 1).astype(np.int32)
-    r = xp.concatenate([xp.zeros((1,), np.int32), r[1:]])  # the grid ends at t = 0
-    u = xp.maximum.accumulate(r - idx) + idx
-    return xp.minimum(xp.minimum.accumulate((u - idx)[::-1])[::-1], num_timesteps - n) + idx
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _noise_level_grid(log_snr: jax.Array, num_steps: int, spacing: str, rho: float) -> jax.Array:
-    """Increasing timesteps of the "logsnr" / "karras" grids (jitted once per static config)."""
-    num_t = log_snr.shape[0]
-    lam_max, lam_min = log_snr[0], log_snr[num_t - 1]
-    ramp = jnp.linspace(0.0, 1.0, num_steps, dtype=jnp.float32)
-    if spacing == "logsnr":
-        lam = lam_max + ramp * (lam_min - lam_max)
-    else:  # σ = √((1-ᾱ)/ᾱ) = exp(-λ / 2), interpolated in σ^(1/ρ)
-        s_min, s_max = jnp.exp(-lam_max / (2 * rho)), jnp.exp(-lam_min / (2 * rho))
-        lam = -2.0 * rho * jnp.log(s_min + ramp * (s_max - s_min))
-    # The nearest training timestep in λ (i.e. in log σ).
-    pos = jnp.argmin(jnp.abs(log_snr[None, :] - lam[:, None]), axis=1)
-    return _distinct_increasing(pos, num_t, jnp)
-
-
-def timesteps(
-    schedule: Schedule, num_steps: int, spacing: str = "uniform", *, rho: float = KARRAS_RHO
-) -> jax.Array:
-    """The sampling grid: ``num_steps`` distinct training timesteps, decreasing, ending at 0.
-
-    Spacings (T = ``schedule.num_timesteps``, N = ``num_steps``, i = 0 … N-1):
-
-    - ``"uniform"``: ⌊i T / N⌋, evenly spaced over [0, T) (DDIM's "uniform" skip; for N | T it is
-      ``range(0, T, T // N)``, diffusers' "leading").
-    - ``"quadratic"``: ⌊(i √(0.8 T) / (N-1))²⌋, the grid DDIM used for CIFAR-10.
-    - ``"trailing"``: round(i (T-1) / (N-1)); starts at the last training step T-1, as Lin et al.
-      (2024) recommend (diffusers calls this "linspace"; its "trailing" stops at T/N - 1 instead
-      of 0).
-    - ``"logsnr"``: uniform in λ = log(ᾱ/(1-ᾱ)) between λ_{T-1} and λ_0 (DPM-Solver's grid).
-    - ``"karras"``: σ_i = (σ_min^{1/ρ} + i/(N-1) (σ_max^{1/ρ} - σ_min^{1/ρ}))^ρ with σ = √((1-ᾱ)/ᾱ),
-      σ_min = σ_0, σ_max = σ_{T-1} (Karras et al. 2022, Eq. 5).
-
-    The noise-level grids are mapped to the nearest training timestep in λ (i.e. in log σ). Where
-    several points land on one timestep (the log-SNR and Karras grids crowd near t = 0 when N is a
-    sizeable fraction of T, and so does "quadratic"), the later ones move to the next free
-    timesteps, so the grid is always strictly decreasing; with N = T every spacing is the full
-    grid. The samplers use the exact noise levels of these integer timesteps, so the model and the
-    solver agree on σ.
-
-    Args:
-        schedule: the noise schedule (its tables may be traced).
-        num_steps: N, an int in [2, T].
-        spacing: one of :data:`SPACINGS`.
-        rho: ρ of the "karras" spacing.
-
-    Returns:
-        int32 ``[N]`` timesteps, strictly decreasing, ``[0] ≤ T - 1`` and ``[-1] == 0`` (a
-        ``jax.Array``; a constant under ``jax.jit`` except for the noise-level grids).
-
-    Raises:
-        ValueError: for an unknown ``spacing`` or ``num_steps`` outside [2, T].
-    """
-    _check_choice("timestep_spacing", spacing, SPACINGS)
-    num_t = schedule.num_timesteps
-    _check_num_steps(num_steps, num_t)
-    if spacing in ("logsnr", "karras"):
-        return _noise_level_grid(schedule.log_snr, int(num_steps), spacing, float(rho))[::-1]
-    i = np.arange(num_steps, dtype=np.float64)
-    if spacing == "uniform":
-        pos = np.floor(i * num_t / num_steps)
-    elif spacing == "quadratic":
-        pos = np.floor((i * np.sqrt(0.8 * num_t) / (num_steps - 1)) ** 2)
-    else:
-        pos = np.round(i * (num_t - 1) / (num_steps - 1))
-    return jnp.asarray(_distinct_increasing(pos, num_t)[::-1])
 
 
 class Plan(NamedTuple):
@@ -233,7 +140,9 @@ def plan(
     spacing = timestep_spacing or DEFAULT_SPACINGS[method]
     grid = timesteps(schedule, num_steps, spacing)
     t, s = grid[:-1], grid[1:]
-    per_example = jnp.ndim(key) == 1  # one key per sample (see `sample`)
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):  # raw uint32 key data
+        key = jax.random.wrap_key_data(key)
+    per_example = key.ndim == 1  # one key per sample (see `sample`)
     if per_example and key.shape[0] != shape[0]:
         raise ValueError(f"key: {key.shape[0]} per-sample keys for a batch of {shape[0]}")
     if per_example:
@@ -351,7 +260,7 @@ def _validate_plan(schedule, shape, method, num_steps, eta, spacing, variance, x
     _check_choice("method", method, METHODS)
     if spacing is not None:
         _check_choice("timestep_spacing", spacing, SPACINGS)
-    _check_num_steps(num_steps, schedule.num_timesteps)
+    check_num_steps(num_steps, schedule.num_timesteps)
     _check_choice("variance", variance, diffusion.VARIANCES)
     if not (
         isinstance(shape, tuple)
