@@ -116,6 +116,7 @@ def sample_settings(config: Config) -> dict[str, Any]:
         eta=s.eta,
         clip_x0=s.clip_x0,
         prediction=config.diffusion.prediction,
+        variance=s.variance,
         batch_size=s.batch_size,
     )
 

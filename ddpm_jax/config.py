@@ -23,7 +23,8 @@ defaults are Ho et al. 2020, CIFAR-10):
   ``steps_per_call`` (training steps scanned inside one compiled call).
 - ``sample``: the final ``samples.npz`` and the training grids: ``num_samples`` (0 disables),
   ``method``, ``num_steps``, ``guidance_scale``, ``eta`` (DDIM only), ``clip_x0`` (clip x̂_0 to
-  [-clip_x0, clip_x0]; None: no clipping),
+  [-clip_x0, clip_x0]; None: no clipping), ``variance`` (DDPM's "fixed_small" β̃ or
+  "fixed_large" β),
   ``grid_size`` (a ``grid_size``² grid; 0 disables), ``batch_size`` (samples per compiled call,
   rounded up to a multiple of the device count).
 - ``latent`` (latent-diffusion experiments only, :func:`latent_config`): the autoencoder, its
@@ -104,6 +105,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.sample.guidance_scale = 1.0
     c.sample.eta = 0.0
     c.sample.clip_x0 = config_dict.FieldReference(1.0, field_type=float)  # None: no clipping
+    c.sample.variance = "fixed_small"  # of the "ddpm" method: β̃ or β
     c.sample.grid_size = 8
     c.sample.batch_size = 256
     return c
@@ -300,6 +302,7 @@ def validate(
     _float(config, "sample.guidance_scale", 0.0, float("inf"))
     _float(config, "sample.eta", 0.0, float("inf"))
     _float(config, "sample.clip_x0", 0.0, float("inf"), lo_open=True, optional=True)
+    _choice(config, "sample.variance", diffusion.VARIANCES)
     _int(config, "sample.grid_size", 0)
     _int(config, "sample.batch_size", 1)
 

@@ -20,7 +20,7 @@ import tensorflow_datasets as tfds
 from _helpers import random_params
 from PIL import Image
 
-from ddpm_jax import builders, data, generate, images, tfds_source, train
+from ddpm_jax import builders, data, images, runs, tfds_source, train
 from ddpm_jax import config as config_lib
 from ddpm_jax.errors import UsageError
 from ddpm_jax.evaluation import digits_classifier as digits_lib
@@ -71,7 +71,7 @@ def classifier():
 
 @pytest.fixture(scope="module")
 def loaded(run_dir):
-    return generate.load_run(run_dir)
+    return runs.load_run(run_dir)
 
 
 @pytest.fixture
@@ -219,7 +219,7 @@ def _cli_error(argv, capsys):
 
 
 def test_cli_errors(run_dir, tmp_path, capsys):
-    assert "--workdir is missing" in _cli_error([], capsys)
+    assert "exactly one of --workdir" in _cli_error([], capsys)
     assert "does not exist" in _cli_error([f"--workdir={tmp_path / 'none'}"], capsys)
     assert "no readable config.json" in _cli_error([f"--workdir={tmp_path}"], capsys)
     empty = tmp_path / "empty"

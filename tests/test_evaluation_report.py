@@ -35,7 +35,7 @@ def _cell(method, steps, scale, n, fid, accuracy):
 
 def _sweep_result():
     return {
-        "workdir": "/runs/digits",
+        "run": "/runs/digits",
         "checkpoint_step": 800,
         "dataset": "digits",
         "extractor": "digits_cnn-0123456789",

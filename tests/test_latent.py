@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from ddpm_jax import builders, data, generate, guidance, images, samplers, schedules
+from ddpm_jax import builders, data, guidance, images, runs, samplers, schedules
 from ddpm_jax import state as state_lib
 from ddpm_jax.latent import frozen_vae, prompts
 from ddpm_jax.models.autoencoder import AutoencoderKL
@@ -338,7 +338,7 @@ def test_latent_run_resumes_with_the_trained_vae_and_loads_for_sampling(latent_r
     with np.load(workdir / "samples.npz") as f:
         np.testing.assert_array_equal(f["images"], first)
 
-    run = generate.load_run(workdir)  # from config.json, latent.json and vae.msgpack alone
+    run = runs.load_run(workdir)  # from config.json, latent.json and vae.msgpack alone
     assert run.step == 4 and run.image_shape == (8, 8, 4) and run.decode_fn is not None
     imgs, labels = run.generator(num_steps=3, batch_size=8)(run.ema_params, jax.random.key(0), 4)
     assert imgs.shape == (4, 16, 16, 1) and imgs.dtype == np.uint8

@@ -6,7 +6,7 @@
   FID Inception network for any other dataset. It needs no run: the training loop can build one
   from the dataset's name and the generated images' shape. :meth:`Evaluator.floor` scores the
   held-out test split the same way (what a perfect model would get, up to the sample size).
-- :class:`RunEvaluator` samples a loaded run (:func:`ddpm_jax.generate.load_run`, pixel or latent)
+- :class:`RunEvaluator` samples a loaded run (:func:`ddpm_jax.runs.load_run`, pixel or latent,
   with a chosen sampler, number of steps and guidance scale, and scores the samples with an
   :class:`Evaluator` of the run's dataset at the run's output size (a latent digits run's 16x16
   samples against digits resized to 16x16; its prompts mapped to their classes).
@@ -38,7 +38,8 @@ from ddpm_jax.evaluation.reference import (
     reference_stats,
     split_images,
 )
-from ddpm_jax.generate import Generator, LoadedRun, ProgressLine
+from ddpm_jax.generate import Generator, ProgressLine
+from ddpm_jax.runs import LoadedRun
 from ddpm_jax.workdir import EVAL_TAG, log, run_key
 
 # The metrics a score can hold, in the order tables show them (``kid_std`` and
@@ -218,14 +219,17 @@ class RunEvaluator:
     classifier's predictions with ``run.classes_of(labels)``.
 
     Args:
-      run: from :func:`ddpm_jax.generate.load_run`.
+      run: from :func:`ddpm_jax.runs.load_run` or :func:`ddpm_jax.runs.load_pretrained`
+        (which must name its training data).
       verbose: print progress.
       **evaluator_kwargs: ``extractor``, ``inception_path``, ``cache_dir``, ``kid_num_subsets``,
         ``kid_subset_size`` of the :class:`Evaluator`.
     """
 
     def __init__(self, run: LoadedRun, *, verbose: bool = True, **evaluator_kwargs: Any):
-        d = run.config.data
+        d = run.data
+        if d is None:
+            raise UsageError(f"{run.path}: the dataset it was trained on is unknown (--dataset)")
         self.run, self.verbose = run, verbose
         self.evaluator = Evaluator(
             d.name,
@@ -251,12 +255,16 @@ class RunEvaluator:
 
         Returns:
           ``(images uint8 [N, H, W, C], labels int32 [N], seconds)``; labels are the run's
-          conditioning labels (see :meth:`ddpm_jax.generate.LoadedRun.classes_of`).
+          conditioning labels (see :meth:`ddpm_jax.runs.LoadedRun.classes_of`).
         """
-        setting = dict(method=method, num_steps=num_steps, guidance_scale=float(guidance_scale))
-        setting.update(eta=float(eta))
-        check_sampling(self.run.schedule.num_timesteps, num_samples=num_samples, **setting)
-        cache_key = tuple(setting.values())
+        setting = dict(method=method, num_steps=num_steps, eta=float(eta))
+        check_sampling(
+            self.run.schedule.num_timesteps,
+            num_samples=num_samples,
+            guidance_scale=guidance_scale,
+            **setting,
+        )
+        cache_key = tuple(setting.values())  # the scale is traced: no recompilation per scale
         if cache_key not in self._generators:
             self._generators[cache_key] = self.run.generator(**setting)
         key = jax.random.fold_in(run_key(seed, EVAL_TAG), 0)
@@ -264,7 +272,7 @@ class RunEvaluator:
         progress = ProgressLine(label, num_samples, self.verbose)
         t0 = time.time()
         imgs, labels = self._generators[cache_key](
-            self.run.ema_params, key, num_samples, progress=progress
+            self.run.ema_params, key, num_samples, guidance_scale=guidance_scale, progress=progress
         )
         return imgs, labels, time.time() - t0
 
@@ -297,7 +305,7 @@ class RunEvaluator:
         ev = self.evaluator
         scores = ev.score(imgs, self.run.classes_of(labels))
         report = {
-            "workdir": self.run.workdir,
+            "run": self.run.path,
             "checkpoint_step": self.run.step,
             "dataset": ev.dataset,
             "extractor": ev.extractor.name,
@@ -400,7 +408,7 @@ def sweep(
     steps_rows = [cell(m, n, guidance_scale) for m, ns in steps.items() for n in ns]
     guidance_rows = [cell(method, num_steps, float(g)) for g in guidance_scales]
     return {
-        "workdir": run.workdir,
+        "run": run.path,
         "checkpoint_step": run.step,
         "dataset": evaluator.dataset,
         "extractor": evaluator.extractor.name,

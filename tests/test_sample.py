@@ -1,0 +1,115 @@
+"""Tests of ``python -m experiments.sample``: a digits run (its samples again, on 1, 3 and 8
+devices, bit for bit), labels, a published diffusers pipeline folder, and one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import _train_worker as worker
+import numpy as np
+import pytest
+
+from ddpm_jax import train
+from experiments import sample
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny class-conditional digits run (8 devices) with its samples.npz of 16 samples."""
+    workdir = str(tmp_path_factory.mktemp("sample") / "run")
+    config = worker.tiny_config()
+    config.train.num_steps = 4
+    assert train.run(config, workdir).status == "completed"
+    return workdir
+
+
+def _sample_subprocess(devices, *args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    cmd = [sys.executable, "-m", "experiments.sample", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_samples_of_a_run_are_its_samples_on_any_device_count(run_dir, tmp_path):
+    with np.load(os.path.join(run_dir, "samples.npz")) as f:
+        want, want_labels = f["images"], f["labels"]
+    for devices in (1, 3, 8):
+        out = str(tmp_path / f"d{devices}")
+        proc = _sample_subprocess(
+            devices, f"--workdir={run_dir}", "--num_samples=16", f"--out={out}"
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"({devices} devices)" in proc.stdout and "sampling 16 images" in proc.stdout
+        with np.load(os.path.join(out, "samples.npz")) as f:
+            np.testing.assert_array_equal(f["images"], want)  # identical images
+            np.testing.assert_array_equal(f["labels"], want_labels)
+        assert os.path.exists(os.path.join(out, "samples.png"))
+
+
+def test_labels_choose_the_classes(run_dir, tmp_path, capsys):
+    out = sample.main(
+        ["sample", f"--workdir={run_dir}", "--num_samples=6", "--labels=3,7", f"--out={tmp_path}"]
+    )
+    with np.load(os.path.join(out, "samples.npz")) as f:
+        np.testing.assert_array_equal(f["labels"], [3, 7, 3, 7, 3, 7])
+        assert f["images"].shape == (6, 8, 8, 1)
+    assert "sampling 6 images" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "exactly one of --workdir"),
+        (["--labels=11"], "--labels must lie in [0, 10]"),
+        (["--prompt=a seven"], "--prompt needs a latent run"),
+        (["--num_steps=1"], "--num_steps=1 must be in [2, 100]"),
+        (["--num_samples=0"], "--num_samples=0 must be >= 1"),
+    ],
+)
+def test_mistakes_are_one_line_and_exit_2(run_dir, tmp_path, capsys, args, message):
+    if args:
+        args = [f"--workdir={run_dir}", *args]
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["sample", *args, f"--out={tmp_path / 'out'}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_samples_of_a_published_pipeline_folder(tmp_path, capsys):
+    """A diffusers DDPM folder in the flat google/ddpm-* layout (random weights)."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        norm_eps=1e-6,
+        freq_shift=1,
+        flip_sin_to_cos=False,
+        downsample_padding=0,
+    )
+    folder = tmp_path / "ddpm-tiny"
+    unet.save_pretrained(folder)
+    scheduler = {"_class_name": "DDPMScheduler", "num_train_timesteps": 100}
+    scheduler.update(beta_schedule="linear", clip_sample=True, variance_type="fixed_large")
+    (folder / "scheduler_config.json").write_text(json.dumps(scheduler))
+    out = sample.main(
+        ["sample", f"--pretrained={folder}", "--num_samples=5", "--method=ddpm", "--num_steps=10"]
+        + [f"--out={tmp_path / 'out'}"]
+    )
+    with np.load(os.path.join(out, "samples.npz")) as f:
+        assert f["images"].shape == (5, 8, 8, 3) and f["images"].dtype == np.uint8
+        np.testing.assert_array_equal(f["labels"], -1)
+        assert f["images"].std() > 0
+    assert "sampling 5 images (ddpm, 10 steps)" in capsys.readouterr().out
