@@ -18,12 +18,17 @@ Example:
     >>> step_fn = make_train_step(apply_fn, schedule, optimizer, seed=0, global_batch_size=128,
     ...                           axis_name="data")
     >>> state, metrics = step_fn(state, batch)  # inside shard_map / pmap over "data"
+
+:func:`make_train_step` is the per-device step (pmap-style: its own rows, ``lax.pmean`` over the
+devices); :func:`make_global_train_step` is the same step on the global batch, for ``jax.jit``
+with shardings (FSDP). Both are made of the same pieces (inputs, loss, dropout keys, update), so
+they cannot drift apart; tests compare them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -146,6 +151,76 @@ def draw_example_randomness(
     return jax.vmap(one)(keys)
 
 
+class _StepMath(NamedTuple):
+    """The pieces of one training step, shared by the per-device and the global-view step."""
+
+    inputs: Callable  # (step, batch) -> (x0, t, noise, cond) of the batch's rows
+    loss: Callable  # (params, x0, t, noise, cond, dropout_key) -> mean loss of those rows
+    dropout_key: Callable  # (step, shard) -> the dropout key of device / group `shard`
+    update: Callable  # (state, loss, grads) -> (state, metrics), grads already averaged
+
+
+def _step_math(
+    apply_fn,
+    schedule,
+    optimizer,
+    *,
+    seed,
+    global_batch_size,
+    lr_schedule,
+    prediction,
+    weighting,
+    min_snr_gamma,
+    ema_decay,
+    p_uncond,
+    null_label,
+) -> _StepMath:
+    def inputs(step, batch):
+        x0 = batch["image"]
+        keys = example_keys(seed, step, batch["index"])
+        t, noise, drop = draw_example_randomness(
+            keys, x0.shape[1:], schedule.num_timesteps, p_uncond
+        )
+        cond = {}
+        if null_label is not None:
+            cond["y"] = jnp.where(drop, null_label, batch["label"]).astype(jnp.int32)
+        return x0, t, noise, cond
+
+    def loss(params, x0, t, noise, cond, dropout_key):
+        model_fn = lambda x_t, t_, **c: apply_fn(params, x_t, t_, rng=dropout_key, **c)
+        return losses.diffusion_loss(
+            model_fn,
+            schedule,
+            x0,
+            t,
+            noise,
+            prediction=prediction,
+            weighting=weighting,
+            min_snr_gamma=min_snr_gamma,
+            cond=cond,
+        )
+
+    def dropout_key(step, shard):
+        step_key = jax.random.fold_in(jax.random.key(seed), step)
+        return jax.random.fold_in(step_key, global_batch_size + shard)
+
+    def update(state, loss, grads):
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        if lr_schedule is not None:
+            metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=params,
+            ema_params=ema_update(state.ema_params, params, ema_decay),
+            opt_state=opt_state,
+        )
+        return new_state, metrics
+
+    return _StepMath(inputs, loss, dropout_key, update)
+
+
 def make_train_step(
     apply_fn: Callable[..., jax.Array],
     schedule: Schedule,
@@ -188,50 +263,92 @@ def make_train_step(
       averaged gradient, before clipping) and ``lr`` (learning rate of this update); identical on
       every device.
     """
+    math = _step_math(
+        apply_fn,
+        schedule,
+        optimizer,
+        seed=seed,
+        global_batch_size=global_batch_size,
+        lr_schedule=lr_schedule,
+        prediction=prediction,
+        weighting=weighting,
+        min_snr_gamma=min_snr_gamma,
+        ema_decay=ema_decay,
+        p_uncond=p_uncond,
+        null_label=null_label,
+    )
 
     def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        x0 = batch["image"]
-        keys = example_keys(seed, state.step, batch["index"])
-        t, noise, drop = draw_example_randomness(
-            keys, x0.shape[1:], schedule.num_timesteps, p_uncond
-        )
-        cond = {}
-        if null_label is not None:
-            cond["y"] = jnp.where(drop, null_label, batch["label"]).astype(jnp.int32)
-        step_key = jax.random.fold_in(jax.random.key(seed), state.step)
-        dropout_key = jax.random.fold_in(
-            step_key, global_batch_size + jax.lax.axis_index(axis_name)
-        )
-
-        def loss_fn(params):
-            model_fn = lambda x_t, t_, **c: apply_fn(params, x_t, t_, rng=dropout_key, **c)
-            return losses.diffusion_loss(
-                model_fn,
-                schedule,
-                x0,
-                t,
-                noise,
-                prediction=prediction,
-                weighting=weighting,
-                min_snr_gamma=min_snr_gamma,
-                cond=cond,
-            )
-
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        x0, t, noise, cond = math.inputs(state.step, batch)
+        dropout_key = math.dropout_key(state.step, jax.lax.axis_index(axis_name))
+        loss, grads = jax.value_and_grad(math.loss)(state.params, x0, t, noise, cond, dropout_key)
         grads = jax.lax.pmean(grads, axis_name)
         loss = jax.lax.pmean(loss, axis_name)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-        if lr_schedule is not None:
-            metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
-        new_state = TrainState(
-            step=state.step + 1,
-            params=params,
-            ema_params=ema_update(state.ema_params, params, ema_decay),
-            opt_state=opt_state,
-        )
-        return new_state, metrics
+        return math.update(state, loss, grads)
+
+    return step_fn
+
+
+def make_global_train_step(
+    apply_fn: Callable[..., jax.Array],
+    schedule: Schedule,
+    optimizer: optax.GradientTransformation,
+    *,
+    seed: int,
+    global_batch_size: int,
+    num_groups: int,
+    lr_schedule: optax.Schedule | None = None,
+    prediction: str = "eps",
+    weighting: str = "uniform",
+    min_snr_gamma: float = 5.0,
+    ema_decay: float = 0.9999,
+    p_uncond: float = 0.1,
+    null_label: int | None = None,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """The training step of :func:`make_train_step` on the global batch (no mapped axis), for
+    ``jax.jit`` with shardings (``ddpm_jax.parallel.fsdp``).
+
+    It is made of the same pieces as the per-device step (inputs, loss, update): the batch is cut
+    into ``num_groups`` groups of consecutive rows, and group ``g`` is what device ``g`` of a
+    per-device step on ``num_groups`` devices computes, with that device's dropout key; the loss
+    and gradient are the mean over the groups (the per-device step's ``pmean``). With
+    ``num_groups`` the device count the results equal the per-device step's up to the float32
+    order of the gradient sum, with dropout too.
+
+    Args:
+      apply_fn / schedule / optimizer / seed / global_batch_size / lr_schedule / prediction /
+        weighting / min_snr_gamma / ema_decay / p_uncond / null_label: see
+        :func:`make_train_step`.
+      num_groups: groups of rows with their own dropout key; must divide the batch.
+
+    Returns:
+      ``step_fn(state, batch) -> (state, metrics)``; ``batch`` holds the global batch
+      (``"image"`` float32 ``[B, H, W, C]``, ``"label"`` and ``"index"`` int32 ``[B]``);
+      ``metrics`` as in :func:`make_train_step`.
+    """
+    math = _step_math(
+        apply_fn,
+        schedule,
+        optimizer,
+        seed=seed,
+        global_batch_size=global_batch_size,
+        lr_schedule=lr_schedule,
+        prediction=prediction,
+        weighting=weighting,
+        min_snr_gamma=min_snr_gamma,
+        ema_decay=ema_decay,
+        p_uncond=p_uncond,
+        null_label=null_label,
+    )
+    group_loss = jax.vmap(math.loss, in_axes=(None, 0, 0, 0, 0, 0))
+
+    def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        inputs = math.inputs(state.step, batch)  # per-example: the same whatever the grouping
+        groups = jax.tree.map(lambda a: a.reshape(num_groups, -1, *a.shape[1:]), inputs)
+        keys = jax.vmap(math.dropout_key, in_axes=(None, 0))(state.step, jnp.arange(num_groups))
+        mean_loss = lambda params: jnp.mean(group_loss(params, *groups, keys))
+        loss, grads = jax.value_and_grad(mean_loss)(state.params)
+        return math.update(state, loss, grads)
 
     return step_fn
 
@@ -243,6 +360,7 @@ __all__ = [
     "ema_update",
     "example_keys",
     "learning_rate_schedule",
+    "make_global_train_step",
     "make_optimizer",
     "make_train_step",
 ]
