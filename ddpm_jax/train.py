@@ -42,7 +42,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ddpm_jax import builders, data, images
+from ddpm_jax import builders, data, images, parallel
 from ddpm_jax import config as config_lib
 from ddpm_jax.checkpoint import Checkpointer, PreemptionGuard
 from ddpm_jax.errors import NonFiniteLossError, UsageError
@@ -90,7 +90,8 @@ class RunResult:
       metrics_path: ``metrics.jsonl``.
       samples_path: ``samples.npz``, or None when not written (``sample.num_samples = 0`` or
         preempted).
-      ema_params: the replicated EMA parameters at return (for sampling by the caller).
+      ema_params: the replicated EMA parameters at return (for sampling by the caller; gathered
+        from their shards under ``parallel="fsdp"``).
     """
 
     status: str
@@ -248,10 +249,15 @@ class Trainer:
         had_checkpoints = bool(self.ckpt.all_steps())
         state, start = self.ckpt.restore_latest(self.abstract_state, start_over=start_over)
         if state is None:
-            state, start = jax.jit(self.init, out_shardings=self.dp.replicated)(), 0
+            state, start = builders.init_state(self.init, self.abstract_state), 0
             log(f"new run in {self.workdir} ({self.dp.num_devices} devices, {self.dp.kind})")
         else:
             log(f"resuming from the checkpoint of step {start} in {self.ckpt.directory}")
+        size = parallel.state_bytes(state)  # from the arrays' shards on this process's devices
+        log(
+            f"training state ({self.dp.kind}): {size['per_device']:,} bytes per device of "
+            f"{size['total']:,} ({size['replicated']:,} replicated on every device)"
+        )
         if is_writer():  # the restore succeeded: now the run's files may change
             self._record_start(start, changes, started_over=had_checkpoints and start == 0)
         os.makedirs(os.path.join(self.workdir, "samples"), exist_ok=True)
@@ -259,18 +265,19 @@ class Trainer:
             log(f"training already finished (step {start} >= train.num_steps={tc.num_steps})")
             path = self._final_samples(state, overwrite=False)
             status = "preempted" if self.preemption.requested else "already_complete"
-            return RunResult(status, start, self.workdir, self.metrics.path, path, state.ema_params)
-        status, step, state = self._loop(self.dp.from_replicated(state), start, step_callback)
+            ema = self.dp.gather(state.ema_params)
+            return RunResult(status, start, self.workdir, self.metrics.path, path, ema)
+        status, step, state = self._loop(self.dp.to_step(state), start, step_callback)
         path = None
         if status == "completed":
-            path = self._final_samples(self.dp.to_replicated(state), overwrite=True)
+            path = self._final_samples(self.dp.from_step(state), overwrite=True)
             status = "preempted" if self.preemption.requested else status
         if status == "completed":
             log(
                 f"done: {step} steps. metrics: {self.metrics.path}; sample grids: "
                 f"{self.workdir}/samples/; samples: {path}; checkpoints: {self.ckpt.directory}"
             )
-        ema = self.dp.to_replicated(state).ema_params
+        ema = self.dp.gather(self.dp.from_step(state).ema_params)
         return RunResult(status, step, self.workdir, self.metrics.path, path, ema)
 
     def _record_start(self, start: int, changes: dict, started_over: bool) -> None:
@@ -334,7 +341,7 @@ class Trainer:
             nonlocal last_saved
             flush()  # never save a state after a non-finite loss
             if last_saved != step:
-                ckpt.save(step, dp.to_replicated(state))
+                ckpt.save(step, dp.from_step(state))
                 last_saved = step
 
         while step < tc.num_steps:
@@ -373,14 +380,15 @@ class Trainer:
 
     def _sample_grid(self, state, step: int) -> None:
         g = self.config.sample.grid_size
-        ema = self.dp.to_replicated(state.ema_params)
+        ema = self.dp.from_step(state.ema_params)
         imgs, _ = self.generator(ema, run_key(self.config.seed, GRID_TAG), g * g)
         if is_writer():
             images.save_png_grid(f"{self.workdir}/samples/step_{step:07d}.png", imgs, g)
 
     def _final_samples(self, state, *, overwrite: bool) -> str | None:
-        """Writes ``samples.npz`` from the EMA parameters of the replicated ``state``; None when
-        there are none to write or a preemption notice stopped the sampling."""
+        """Writes ``samples.npz`` from the EMA parameters of ``state`` (in the layout's state
+        shardings: the generator gathers them); None when there are none to write or a
+        preemption notice stopped the sampling."""
         s = self.config.sample
         if s.num_samples == 0:
             return None
