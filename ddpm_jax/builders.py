@@ -249,7 +249,7 @@ def build_train_step(
 
     d, t = config.diffusion, config.train
     if dp.global_view:
-        make, view = state_lib.make_global_train_step, dict(num_groups=dp.num_devices)
+        make, view = state_lib.make_global_train_step, dp.global_step_options()
     else:
         make, view = state_lib.make_train_step, dict(axis_name=AXIS)
     step_fn = make(

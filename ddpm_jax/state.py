@@ -21,8 +21,8 @@ Example:
 
 :func:`make_train_step` is the per-device step (pmap-style: its own rows, ``lax.pmean`` over the
 devices); :func:`make_global_train_step` is the same step on the global batch, for ``jax.jit``
-with shardings (FSDP). Both are made of the same pieces (inputs, loss, dropout keys, update), so
-they cannot drift apart; tests compare them.
+with shardings (FSDP). Both are made of the same two pieces, the per-device loss and gradient
+and the update, so they cannot drift apart; tests compare them.
 """
 
 from __future__ import annotations
@@ -154,10 +154,8 @@ def draw_example_randomness(
 class _StepMath(NamedTuple):
     """The pieces of one training step, shared by the per-device and the global-view step."""
 
-    inputs: Callable  # (step, batch) -> (x0, t, noise, cond) of the batch's rows
-    loss: Callable  # (params, x0, t, noise, cond, dropout_key) -> mean loss of those rows
-    dropout_key: Callable  # (step, shard) -> the dropout key of device / group `shard`
-    update: Callable  # (state, loss, grads) -> (state, metrics), grads already averaged
+    device_grads: Callable  # (params, step, rows, axis_name) -> (loss, grads) of those rows
+    update: Callable  # (state, loss, grads) -> (state, metrics), loss and grads averaged
 
 
 def _step_math(
@@ -175,7 +173,8 @@ def _step_math(
     p_uncond,
     null_label,
 ) -> _StepMath:
-    def inputs(step, batch):
+    def device_grads(params, step, batch, axis_name):
+        """The loss and gradient of one device's rows (not yet averaged over devices)."""
         x0 = batch["image"]
         keys = example_keys(seed, step, batch["index"])
         t, noise, drop = draw_example_randomness(
@@ -184,25 +183,26 @@ def _step_math(
         cond = {}
         if null_label is not None:
             cond["y"] = jnp.where(drop, null_label, batch["label"]).astype(jnp.int32)
-        return x0, t, noise, cond
-
-    def loss(params, x0, t, noise, cond, dropout_key):
-        model_fn = lambda x_t, t_, **c: apply_fn(params, x_t, t_, rng=dropout_key, **c)
-        return losses.diffusion_loss(
-            model_fn,
-            schedule,
-            x0,
-            t,
-            noise,
-            prediction=prediction,
-            weighting=weighting,
-            min_snr_gamma=min_snr_gamma,
-            cond=cond,
+        step_key = jax.random.fold_in(jax.random.key(seed), step)
+        dropout_key = jax.random.fold_in(
+            step_key, global_batch_size + jax.lax.axis_index(axis_name)
         )
 
-    def dropout_key(step, shard):
-        step_key = jax.random.fold_in(jax.random.key(seed), step)
-        return jax.random.fold_in(step_key, global_batch_size + shard)
+        def loss_fn(params):
+            model_fn = lambda x_t, t_, **c: apply_fn(params, x_t, t_, rng=dropout_key, **c)
+            return losses.diffusion_loss(
+                model_fn,
+                schedule,
+                x0,
+                t,
+                noise,
+                prediction=prediction,
+                weighting=weighting,
+                min_snr_gamma=min_snr_gamma,
+                cond=cond,
+            )
+
+        return jax.value_and_grad(loss_fn)(params)
 
     def update(state, loss, grads):
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -218,7 +218,7 @@ def _step_math(
         )
         return new_state, metrics
 
-    return _StepMath(inputs, loss, dropout_key, update)
+    return _StepMath(device_grads, update)
 
 
 def make_train_step(
@@ -263,7 +263,7 @@ def make_train_step(
       averaged gradient, before clipping) and ``lr`` (learning rate of this update); identical on
       every device.
     """
-    math = _step_math(
+    parts = _step_math(
         apply_fn,
         schedule,
         optimizer,
@@ -279,14 +279,15 @@ def make_train_step(
     )
 
     def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        x0, t, noise, cond = math.inputs(state.step, batch)
-        dropout_key = math.dropout_key(state.step, jax.lax.axis_index(axis_name))
-        loss, grads = jax.value_and_grad(math.loss)(state.params, x0, t, noise, cond, dropout_key)
+        loss, grads = parts.device_grads(state.params, state.step, batch, axis_name)
         grads = jax.lax.pmean(grads, axis_name)
         loss = jax.lax.pmean(loss, axis_name)
-        return math.update(state, loss, grads)
+        return parts.update(state, loss, grads)
 
     return step_fn
+
+
+GradFn = Callable[[PyTree, jax.Array, dict], tuple[jax.Array, PyTree]]
 
 
 def make_global_train_step(
@@ -296,7 +297,8 @@ def make_global_train_step(
     *,
     seed: int,
     global_batch_size: int,
-    num_groups: int,
+    axis_name: str | tuple[str, ...],
+    map_grads: Callable[[GradFn], GradFn],
     lr_schedule: optax.Schedule | None = None,
     prediction: str = "eps",
     weighting: str = "uniform",
@@ -305,28 +307,33 @@ def make_global_train_step(
     p_uncond: float = 0.1,
     null_label: int | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """The training step of :func:`make_train_step` on the global batch (no mapped axis), for
-    ``jax.jit`` with shardings (``ddpm_jax.parallel.fsdp``).
+    """The training step of :func:`make_train_step` on the global batch, for ``jax.jit`` with
+    shardings (``ddpm_jax.parallel.fsdp``).
 
-    It is made of the same pieces as the per-device step (inputs, loss, update): the batch is cut
-    into ``num_groups`` groups of consecutive rows, and group ``g`` is what device ``g`` of a
-    per-device step on ``num_groups`` devices computes, with that device's dropout key; the loss
-    and gradient are the mean over the groups (the per-device step's ``pmean``). With
-    ``num_groups`` the device count the results equal the per-device step's up to the float32
+    The loss and gradient are those of the per-device step: its gradient function (this
+    device's rows, its per-example keys and dropout key) mapped over the devices by
+    ``map_grads``, which also averages them; the update (clipping, Adam, EMA) runs on the global
+    view, in whatever sharding ``map_grads`` returns the gradient (FSDP: that of the parameters,
+    so Adam and the EMA run on shards). The results equal the per-device step's up to the float32
     order of the gradient sum, with dropout too.
 
     Args:
       apply_fn / schedule / optimizer / seed / global_batch_size / lr_schedule / prediction /
         weighting / min_snr_gamma / ema_decay / p_uncond / null_label: see
         :func:`make_train_step`.
-      num_groups: groups of rows with their own dropout key; must divide the batch.
+      axis_name: the mapped axis (or axes) of the devices, in batch order; device ``d`` of it
+        draws the dropout key ``fold_in(step_key, B + d)``.
+      map_grads: turns the per-device ``grad_fn(params, step, rows) -> (loss, grads)`` (the
+        loss and gradient of one device's rows, under ``axis_name``) into ``fn(params, step,
+        batch) -> (loss, grads)`` of the global batch, averaged over all rows (e.g.
+        ``FullyShardedDataParallel.map_grads``: ``shard_map`` and a reduce-scatter).
 
     Returns:
       ``step_fn(state, batch) -> (state, metrics)``; ``batch`` holds the global batch
       (``"image"`` float32 ``[B, H, W, C]``, ``"label"`` and ``"index"`` int32 ``[B]``);
       ``metrics`` as in :func:`make_train_step`.
     """
-    math = _step_math(
+    parts = _step_math(
         apply_fn,
         schedule,
         optimizer,
@@ -340,15 +347,13 @@ def make_global_train_step(
         p_uncond=p_uncond,
         null_label=null_label,
     )
-    group_loss = jax.vmap(math.loss, in_axes=(None, 0, 0, 0, 0, 0))
+    global_grads = map_grads(
+        lambda params, step, rows: parts.device_grads(params, step, rows, axis_name)
+    )
 
     def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        inputs = math.inputs(state.step, batch)  # per-example: the same whatever the grouping
-        groups = jax.tree.map(lambda a: a.reshape(num_groups, -1, *a.shape[1:]), inputs)
-        keys = jax.vmap(math.dropout_key, in_axes=(None, 0))(state.step, jnp.arange(num_groups))
-        mean_loss = lambda params: jnp.mean(group_loss(params, *groups, keys))
-        loss, grads = jax.value_and_grad(mean_loss)(state.params)
-        return math.update(state, loss, grads)
+        loss, grads = global_grads(state.params, state.step, batch)
+        return parts.update(state, loss, grads)
 
     return step_fn
 

@@ -95,6 +95,10 @@ def state_bytes(tree: PyTree) -> dict[str, int]:
     return dict(total=total, per_device=max(per_device.values(), default=0), replicated=replicated)
 
 
+def _identity(tree: PyTree) -> PyTree:
+    return tree
+
+
 class Layout:
     """The part of a parallel layout that does not depend on how the state is laid out.
 
@@ -123,6 +127,7 @@ class Layout:
         self.num_local_devices = len(self.local_devices)
         self.replicated = NamedSharding(mesh, P())
         self.batch_sharding = NamedSharding(mesh, P(batch_axes))
+        self._gather = jax.jit(_identity, out_shardings=self.replicated)  # compiled per tree
 
     # ------------------------------------------------------------------ state layout
 
@@ -151,7 +156,7 @@ class Layout:
         leaves = jax.tree.leaves(tree)
         if all(not isinstance(x, jax.Array) or x.is_fully_replicated for x in leaves):
             return tree  # replicated already, or host values (jit places them)
-        return jax.jit(lambda t: t, out_shardings=self.replicated)(tree)
+        return self._gather(tree)
 
     def replicate_host(self, tree: PyTree) -> PyTree:
         """Host (numpy) values, identical on every process -> replicated global arrays."""
