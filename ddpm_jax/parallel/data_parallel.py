@@ -45,7 +45,6 @@ class DataParallel(Layout):
     """
 
     KINDS = ("shard_map", "pmap")
-    global_view = False
 
     def __init__(self, kind: str = "shard_map", mesh: Mesh | None = None):
         if kind not in self.KINDS:

@@ -108,7 +108,7 @@ class Layout:
 
     Attributes:
       kind: the ``config.parallel`` value of the layout.
-      mesh: the mesh.
+      mesh: the mesh; ``batch_axes``: the axes the batch is sharded over.
       devices: the mesh's devices in batch order; ``num_devices``: their count.
       local_devices / num_local_devices: those of this process.
       replicated: ``NamedSharding(mesh, P())``.
@@ -116,6 +116,7 @@ class Layout:
     """
 
     kind: str
+    global_view = False  # whether ``wrap`` takes a global-view step (else a per-device one)
 
     def __init__(self, mesh: Mesh, batch_axes: str | tuple[str, ...]):
         self.mesh = mesh
