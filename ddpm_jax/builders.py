@@ -58,6 +58,7 @@ def build_unet(config: Config, *, num_classes: int | None = None, context_dim=No
         num_groups=m.num_groups,
         resblock_conditioning=m.resblock_conditioning,
         dtype=DTYPES[m.dtype],
+        kernels=m.kernels,
     )
 
 
@@ -221,8 +222,9 @@ def build_train_step(
       ``fn(state, batch) -> (state, metrics)`` (see ``DataParallel.wrap``).
     """
 
-    def apply_fn(params, x_t, t, y=None, rng=None):
-        return model.apply(params, x_t, t, y=y, train=True, rngs={"dropout": rng})
+    def apply_fn(params, x_t, t, y=None, rng=None, example_index=None):
+        rngs = {"dropout": rng}
+        return model.apply(params, x_t, t, y=y, train=True, example_index=example_index, rngs=rngs)
 
     d, t = config.diffusion, config.train
     step_fn = state_lib.make_train_step(

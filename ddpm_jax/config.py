@@ -11,7 +11,8 @@ defaults are Ho et al. 2020, CIFAR-10):
 - ``data``: ``name``, ``data_dir``, ``manual_dir``, ``random_flip`` (None: dataset default),
   ``image_size`` (None: native), ``num_examples`` (None: all) — see ``ddpm_jax.data``.
 - ``model``: the UNet's ``ch, ch_mult, num_res_blocks, attn_resolutions, dropout, num_heads,
-  num_groups, resblock_conditioning``, ``dtype`` ("float32" | "bfloat16") and
+  num_groups, resblock_conditioning``, ``dtype`` ("float32" | "bfloat16"), ``kernels`` ("auto":
+  the CPU-tuned kernels on CPU, plain XLA elsewhere; "xla"; "cpu") and
   ``class_conditional`` (labels from the dataset, null label = ``num_classes``).
 - ``diffusion``: ``schedule`` ("linear" | "cosine" | "sigmoid"), ``num_timesteps``, ``beta_start``,
   ``beta_end`` (linear only), ``prediction`` ("eps" | "x0" | "v"), ``weighting``
@@ -45,7 +46,7 @@ from ml_collections import config_dict
 
 from ddpm_jax import diffusion, losses, parallel, samplers, schedules
 from ddpm_jax.errors import UsageError
-from ddpm_jax.models import layers
+from ddpm_jax.models import layers, ops
 from ddpm_jax.models.unet import CIFAR10_DDPM
 
 
@@ -75,6 +76,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.num_groups = 32
     c.model.resblock_conditioning = "additive"
     c.model.dtype = "float32"
+    c.model.kernels = "auto"  # "xla" | "cpu" | "auto": the tuned CPU kernels on CPU only
     c.model.class_conditional = False
 
     c.diffusion = ml_collections.ConfigDict()
@@ -270,6 +272,7 @@ def validate(
     _int(config, "model.num_groups", 1)
     _choice(config, "model.resblock_conditioning", layers.RESBLOCK_CONDITIONINGS)
     _choice(config, "model.dtype", tuple(layers.DTYPES))
+    _choice(config, "model.kernels", ops.KERNELS)
     _bool(config, "model.class_conditional")
     m = config.model
     widths = sorted({m.ch, *(m.ch * k for k in m.ch_mult)})

@@ -7,10 +7,10 @@ decay 0.9999.
 Randomness is keyed per example: the example in row ``i`` of the global batch of step ``s`` draws
 its timestep, noise and label dropout from ``fold_in(fold_in(key(seed), s), i)``, so what an
 example receives does not depend on how many devices or processes share the batch. The UNet's
-dropout needs one key per model call, i.e. per device: device ``d`` uses
-``fold_in(fold_in(key(seed), s), B + d)`` (``B`` the global batch size, so the two families of
-keys never collide). With ``model.dropout > 0`` results therefore depend on the device count;
-with dropout off they do not (up to the reduction order of the gradient mean).
+dropout takes one key, ``fold_in(fold_in(key(seed), s), B)`` (``B`` the global batch size, so the
+two families of keys never collide), the same on every device, and the rows' global indices:
+the mask of row ``i`` is a function of (that key, ``i``) alone. So training is device-count
+invariant with dropout too (up to the reduction order of the gradient mean).
 
 Example:
     >>> optimizer = make_optimizer(lr=2e-4, warmup_steps=5000, grad_clip=1.0)
@@ -165,13 +165,14 @@ def make_train_step(
     """The per-device training step, to be mapped over ``axis_name`` (see ``ddpm_jax.parallel``).
 
     Args:
-      apply_fn: ``apply_fn(params, x_t, t, y=None, rng=None) -> [b, H, W, C]`` the network in
-        training mode (``rng`` is its dropout key; ``y`` int32 ``[b]`` labels when
-        ``null_label`` is set).
+      apply_fn: ``apply_fn(params, x_t, t, y=None, rng=None, example_index=None) ->
+        [b, H, W, C]`` the network in training mode (``rng`` is its dropout key,
+        ``example_index`` int32 ``[b]`` the rows' global indices that key the dropout masks;
+        ``y`` int32 ``[b]`` labels when ``null_label`` is set).
       schedule: the noise schedule.
       optimizer: the optax transformation the state was created with.
       seed: the config seed (per-example keys, see the module docstring).
-      global_batch_size: B, rows of the global batch (offset of the dropout keys).
+      global_batch_size: B, rows of the global batch (the tag of the dropout key).
       axis_name: the mapped data axis; gradients, loss and grad norm are averaged over it.
       lr_schedule: reported as metric ``lr``; None reports nothing.
       prediction / weighting / min_snr_gamma: the loss (``ddpm_jax.losses.diffusion_loss``).
@@ -199,12 +200,13 @@ def make_train_step(
         if null_label is not None:
             cond["y"] = jnp.where(drop, null_label, batch["label"]).astype(jnp.int32)
         step_key = jax.random.fold_in(jax.random.key(seed), state.step)
-        dropout_key = jax.random.fold_in(
-            step_key, global_batch_size + jax.lax.axis_index(axis_name)
-        )
+        dropout_key = jax.random.fold_in(step_key, global_batch_size)  # one for all devices
+        rows = batch["index"]
 
         def loss_fn(params):
-            model_fn = lambda x_t, t_, **c: apply_fn(params, x_t, t_, rng=dropout_key, **c)
+            model_fn = lambda x_t, t_, **c: apply_fn(
+                params, x_t, t_, rng=dropout_key, example_index=rows, **c
+            )
             return losses.diffusion_loss(
                 model_fn,
                 schedule,

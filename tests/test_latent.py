@@ -147,7 +147,9 @@ def test_frozen_vae_receives_no_updates(vae_setup, model_setup):
     state = state_lib.create_train_state(variables, optimizer)
     assert set(state.params["params"]) == {"unet", "text"}  # no VAE parameter to optimise
     step_fn = state_lib.make_train_step(
-        lambda p, x_t, t, y=None, rng=None: model.apply(p, x_t, t, y, train=True),
+        lambda p, x_t, t, y=None, rng=None, example_index=None: model.apply(
+            p, x_t, t, y, train=True
+        ),
         schedules.get("cosine", 100),
         optimizer,
         seed=0,
