@@ -59,6 +59,7 @@ def build_unet(config: Config, *, num_classes: int | None = None, context_dim=No
         num_groups=m.num_groups,
         resblock_conditioning=m.resblock_conditioning,
         dtype=DTYPES[m.dtype],
+        kernels=m.kernels,
     )
 
 
@@ -180,13 +181,14 @@ def build_parallel(config: Config, *, fsdp_over_all_devices: bool = False) -> La
     the size of the FSDP axis and the smallest sharded leaf).
 
     Args:
-      config: the config.
+      config: the config (one from before the ``mesh`` section gets its defaults).
       fsdp_over_all_devices: ignore ``config.mesh.fsdp`` and shard over all devices (loading a
         run on other devices than it was trained on).
     """
-    m = config.mesh
+    m = config.get("mesh") or ml_collections.ConfigDict(dict(fsdp=None, fsdp_min_size=None))
     fsdp_size = None if fsdp_over_all_devices else m.fsdp
-    return parallel.make(config.parallel, fsdp_size=fsdp_size, min_size=m.fsdp_min_size)
+    min_size = parallel.fsdp.DEFAULT_MIN_SIZE if m.fsdp_min_size is None else m.fsdp_min_size
+    return parallel.make(config.parallel, fsdp_size=fsdp_size, min_size=min_size)
 
 
 def init_state_fn(
@@ -244,8 +246,9 @@ def build_train_step(
       ``fn(state, batch) -> (state, metrics)`` (see ``dp.wrap``).
     """
 
-    def apply_fn(params, x_t, t, y=None, rng=None):
-        return model.apply(params, x_t, t, y=y, train=True, rngs={"dropout": rng})
+    def apply_fn(params, x_t, t, y=None, rng=None, example_index=None):
+        rngs = {"dropout": rng}
+        return model.apply(params, x_t, t, y=y, train=True, example_index=example_index, rngs=rngs)
 
     d, t = config.diffusion, config.train
     if dp.global_view:

@@ -8,7 +8,7 @@ An experiment is ``get_config()`` plus::
 Flags:
 
 - ``--workdir=DIR`` (required): where the run writes and resumes (see ``ddpm_jax.train``); a
-  re-run with a changed field that fixes what the run trains (``config.RUN_IDENTITY``) is refused
+  re-run with a changed field that fixes what the run trains (``resume.RUN_IDENTITY``) is refused
   with nothing changed; other changes are recorded in ``config_history.jsonl``;
 - ``--start_over``: when none of the workdir's checkpoints can be restored, move them aside and
   train from step 0 (without it that is an error, and nothing is changed);

@@ -14,7 +14,8 @@ defaults are Ho et al. 2020, CIFAR-10):
 - ``data``: ``name``, ``data_dir``, ``manual_dir``, ``random_flip`` (None: dataset default),
   ``image_size`` (None: native), ``num_examples`` (None: all) — see ``ddpm_jax.data``.
 - ``model``: the UNet's ``ch, ch_mult, num_res_blocks, attn_resolutions, dropout, num_heads,
-  num_groups, resblock_conditioning``, ``dtype`` ("float32" | "bfloat16") and
+  num_groups, resblock_conditioning``, ``dtype`` ("float32" | "bfloat16"), ``kernels`` ("auto":
+  the CPU-tuned kernels on CPU, plain XLA elsewhere; "xla"; "cpu") and
   ``class_conditional`` (labels from the dataset, null label = ``num_classes``).
 - ``diffusion``: ``schedule`` ("linear" | "cosine" | "sigmoid"), ``num_timesteps``, ``beta_start``,
   ``beta_end`` (linear only), ``prediction`` ("eps" | "x0" | "v"), ``weighting``
@@ -29,6 +30,11 @@ defaults are Ho et al. 2020, CIFAR-10):
   [-clip_x0, clip_x0]; None: no clipping), ``variance`` (DDPM's "fixed_small" β̃ or
   "fixed_large" β), ``grid_size`` (a ``grid_size``² grid; 0 disables), ``batch_size`` (samples
   per compiled call, rounded up to a multiple of the device count).
+- ``eval``: evaluation during training on the EMA parameters, every ``every`` steps (0: off):
+  ``num_samples`` sampled with ``method``, ``num_steps``, ``guidance_scale``, scored against the
+  training split's cached reference statistics (digits: digits-FID/KID and class accuracy; other
+  datasets: the FID Inception, ``inception_path`` for offline machines; ``cache_dir`` of the
+  statistics).
 - ``latent`` (latent-diffusion experiments only, :func:`latent_config`): the autoencoder, its
   training and the text encoder; see :func:`latent_config`.
 """
@@ -42,7 +48,7 @@ from ml_collections import config_dict
 
 from ddpm_jax import diffusion, losses, parallel, samplers, schedules
 from ddpm_jax.errors import UsageError
-from ddpm_jax.models import layers
+from ddpm_jax.models import layers, ops
 from ddpm_jax.models.unet import CIFAR10_DDPM
 
 
@@ -74,6 +80,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.num_groups = 32
     c.model.resblock_conditioning = "additive"
     c.model.dtype = "float32"
+    c.model.kernels = "auto"  # "xla" | "cpu" | "auto": the tuned CPU kernels on CPU only
     c.model.class_conditional = False
 
     c.diffusion = ml_collections.ConfigDict()
@@ -112,6 +119,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.sample.variance = "fixed_small"  # of the "ddpm" method: β̃ or β
     c.sample.grid_size = 8
     c.sample.batch_size = 256
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 0  # 0: off
+    c.eval.num_samples = 1000
+    c.eval.method = "ddim"
+    c.eval.num_steps = 50
+    c.eval.guidance_scale = 1.0
+    c.eval.inception_path = config_dict.placeholder(str)
+    c.eval.cache_dir = config_dict.placeholder(str)
     return c
 
 
@@ -190,6 +206,12 @@ def _int_tuple(c, field: str, *, allow_empty: bool) -> None:
         _fail(field, value, f"expected {empty} tuple of positive integers")
 
 
+def _path(c, field: str) -> None:
+    value = _get(c, field)
+    if value is not None and not isinstance(value, str):
+        _fail(field, value, "expected a path or None")
+
+
 def _get(c, field: str) -> Any:
     node = c
     for part in field.split("."):
@@ -202,8 +224,10 @@ def _get(c, field: str) -> Any:
 def _check_known_keys(config) -> None:
     """Rejects unknown keys inside the known sections (typos); extra sections are allowed."""
     default = default_config()
-    for section in ("mesh", "data", "model", "diffusion", "train", "sample"):
+    for section in ("mesh", "data", "model", "diffusion", "train", "sample", "eval"):
         if section not in config:
+            if section in ("mesh", "eval"):  # runs from before these sections
+                continue
             raise UsageError(f"config.{section} is missing; build configs from default_config()")
         unknown = sorted(set(config[section].keys()) - set(default[section].keys()))
         if unknown:
@@ -233,18 +257,17 @@ def validate(
     _check_known_keys(config)
     _int(config, "seed", 0)
     _choice(config, "parallel", parallel.KINDS)
-    _int(config, "mesh.fsdp", 1, optional=True)
-    _int(config, "mesh.fsdp_min_size", 0)
-    if config.parallel == parallel.fsdp.KIND and device_count and config.mesh.fsdp:
-        _divides("mesh.fsdp", config.mesh.fsdp, "the device count", device_count)
+    if "mesh" in config:
+        _int(config, "mesh.fsdp", 1, optional=True)
+        _int(config, "mesh.fsdp_min_size", 0)
+        if config.parallel == parallel.fsdp.KIND and device_count and config.mesh.fsdp:
+            _divides("mesh.fsdp", config.mesh.fsdp, "the device count", device_count)
 
     name = _get(config, "data.name")
     if not isinstance(name, str) or not name:
         _fail("data.name", name, "expected a dataset name such as 'cifar10' or 'digits'")
     for field in ("data.data_dir", "data.manual_dir"):
-        value = _get(config, field)
-        if value is not None and not isinstance(value, str):
-            _fail(field, value, "expected a directory path or None")
+        _path(config, field)
     _bool(config, "data.random_flip", optional=True)
     _int(config, "data.image_size", 1, optional=True)
     _int(config, "data.num_examples", 1, optional=True)
@@ -258,6 +281,7 @@ def validate(
     _int(config, "model.num_groups", 1)
     _choice(config, "model.resblock_conditioning", layers.RESBLOCK_CONDITIONINGS)
     _choice(config, "model.dtype", tuple(layers.DTYPES))
+    _choice(config, "model.kernels", ops.KERNELS)
     _bool(config, "model.class_conditional")
     m = config.model
     widths = sorted({m.ch, *(m.ch * k for k in m.ch_mult)})
@@ -314,6 +338,16 @@ def validate(
     _int(config, "sample.grid_size", 0)
     _int(config, "sample.batch_size", 1)
 
+    if "eval" in config:
+        _int(config, "eval.every", 0)
+        _int(config, "eval.num_samples", 2)
+        _choice(config, "eval.method", samplers.METHODS)
+        _int(config, "eval.num_steps", 2)
+        if config.eval.every and config.eval.num_steps > config.diffusion.num_timesteps:
+            _fail("eval.num_steps", config.eval.num_steps, "must be <= diffusion.num_timesteps")
+        _float(config, "eval.guidance_scale", 0.0, float("inf"))
+        for field in ("eval.inception_path", "eval.cache_dir"):
+            _path(config, field)
     if "latent" in config:
         _validate_latent(config)
 
@@ -327,58 +361,6 @@ def validate(
         )
     if process_count is not None and batch % process_count:
         _fail("train.batch_size", batch, f"must be divisible by process count {process_count}")
-
-
-# ----------------------------------------------------------------------------- resuming
-
-# Fields that fix what a run trains: the training state's structure (the network, the optimizer's
-# clipping stage) or the meaning of its data (dataset, image size, schedule, prediction target,
-# the seed's randomness). A resumed run refuses to change them; any other field may change between
-# invocations of the same run (more steps, other intervals, sampling settings, learning-rate
-# values, the device count or parallel layout) and each change is recorded.
-RUN_IDENTITY = tuple(
-    """seed data.name data.image_size model.ch model.ch_mult model.num_res_blocks
-    model.attn_resolutions model.num_heads model.num_groups model.resblock_conditioning
-    model.class_conditional diffusion.schedule diffusion.num_timesteps diffusion.beta_start
-    diffusion.beta_end diffusion.prediction latent.""".split()
-)  # "latent.": the whole section (the frozen autoencoder, the prompts' encoder) but:
-_RESUME_FREE = ("latent.samples_per_prompt",)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def resume_changes(saved: dict, given: dict) -> tuple[dict[str, tuple], dict[str, tuple]]:
-    """Compares the config a run was started with (``config.json``) with the one given now.
-
-    Args:
-      saved / given: configs as JSON objects (``json.loads(config.to_json())``).
-
-    Returns:
-      ``(conflicts, changes)``: ``{field: (saved, given)}`` of the fields that fix what the run
-      trains (:data:`RUN_IDENTITY`, and ``train.grad_clip`` switched between 0 and > 0, which
-      changes the optimizer state's structure), and of every other changed field.
-    """
-    old, new = _flatten(saved), _flatten(given)
-    conflicts, changes = {}, {}
-    for field in sorted(set(old) | set(new)):
-        a, b = old.get(field), new.get(field)
-        if a == b:
-            continue
-        identity = field not in _RESUME_FREE and any(
-            field == f or (f.endswith(".") and field.startswith(f)) for f in RUN_IDENTITY
-        )
-        if field == "train.grad_clip":  # clipping on or off changes the optimizer state
-            identity = ((a or 0) > 0) != ((b or 0) > 0)
-        (conflicts if identity else changes)[field] = (a, b)
-    return conflicts, changes
 
 
 def _divides(field: str, value: int, other: str, other_value: int) -> None:
@@ -427,4 +409,4 @@ def _validate_latent(config: ml_collections.ConfigDict) -> None:
         )
 
 
-__all__ = ["RUN_IDENTITY", "default_config", "latent_config", "resume_changes", "validate"]
+__all__ = ["default_config", "latent_config", "validate"]

@@ -49,16 +49,27 @@ def resize(images: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return out[..., None] if out.ndim == 2 else out
 
 
-def make_grid(images, ncols: int, padding: int = 1) -> np.ndarray:
-    """Tiles images row by row into one image, with ``padding`` black pixels around each tile.
+# A grid a person can read without zooming: cells enlarged (nearest neighbour) to a grid at least
+# 256 pixels wide, separated by thin grey lines (visible on black or white backgrounds).
+READABLE = dict(min_width=256, separator=128)
+
+
+def make_grid(
+    images, ncols: int, padding: int = 1, *, min_width: int = 0, separator: int = 0
+) -> np.ndarray:
+    """Tiles images row by row into one image, with ``padding`` pixels around each tile.
 
     Args:
       images: ``[N, H, W, C]`` or ``[N, H, W]``, uint8 or float in [-1, 1].
       ncols: tiles per row (capped at N); rows are ``ceil(N / ncols)``, empty tiles are black.
       padding: pixels between tiles and around the border, >= 0.
+      min_width: each tile is enlarged by the smallest integer factor (nearest neighbour) that
+        makes the grid at least this wide.
+      separator: the uint8 value of the padding.
 
     Returns:
-      uint8 ``[rows * (H + padding) + padding, cols * (W + padding) + padding, C]``.
+      uint8 ``[rows * (H' + padding) + padding, cols * (W' + padding) + padding, C]`` with
+      ``H' = s H``, ``W' = s W`` for the enlargement ``s``.
     """
     images = to_uint8(images)
     if images.ndim == 3:
@@ -69,37 +80,41 @@ def make_grid(images, ncols: int, padding: int = 1) -> np.ndarray:
         raise ValueError(f"ncols={ncols!r} must be a positive integer")
     if not isinstance(padding, int | np.integer) or padding < 0:
         raise ValueError(f"padding={padding!r} must be a non-negative integer")
+    cols = min(int(ncols), images.shape[0])
+    scale = max(1, -(-(min_width - padding * (cols + 1)) // (cols * images.shape[2])))
+    if scale > 1:
+        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
     n, h, w, c = images.shape
-    cols = min(int(ncols), n)
     rows = -(-n // cols)
-    grid = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, c), np.uint8)
-    for i in range(n):
+    shape = (rows * (h + padding) + padding, cols * (w + padding) + padding, c)
+    grid = np.full(shape, separator, np.uint8)
+    for i in range(rows * cols):
         r, q = divmod(i, cols)
         top, left = padding + r * (h + padding), padding + q * (w + padding)
-        grid[top : top + h, left : left + w] = images[i]
+        grid[top : top + h, left : left + w] = images[i] if i < n else 0
     return grid
 
 
-def save_png_grid(path: str | os.PathLike, images, ncols: int, padding: int = 1) -> str:
-    """Writes ``make_grid(images, ncols, padding)`` as a PNG, atomically (temp file + replace).
+def save_png(path: str | os.PathLike, image: np.ndarray) -> str:
+    """Writes a uint8 ``[H, W, C]`` image (C = 1: mode ``L``; 3: ``RGB``; 4: ``RGBA``) as a PNG,
+    atomically; parent directories are created. Returns ``path`` as a string."""
+    channels = image.shape[-1]
+    if channels not in (1, 3, 4):
+        raise ValueError(f"images have {channels} channels; PNG grids support 1, 3 or 4")
+    with atomic_open(path, "wb") as f:
+        Image.fromarray(image[..., 0] if channels == 1 else image).save(f, format="PNG")
+    return os.fspath(path)
 
-    Grayscale (C = 1) is saved in PIL mode ``L``, C = 3 as ``RGB``, C = 4 as ``RGBA``. Parent
-    directories are created.
+
+def save_png_grid(path: str | os.PathLike, images, ncols: int) -> str:
+    """Writes the :data:`READABLE` ``make_grid(images, ncols)`` as a PNG (see :func:`save_png`).
 
     Args:
       path: destination ``.png`` file.
       images: ``[N, H, W, C]`` or ``[N, H, W]``, uint8 or float in [-1, 1].
-      ncols: tiles per row.
-      padding: pixels between tiles.
+      ncols: tiles per row (a class-conditional grid keeps one class per column).
 
     Returns:
       ``path`` as a string.
     """
-    grid = make_grid(images, ncols, padding)
-    channels = grid.shape[-1]
-    if channels not in (1, 3, 4):
-        raise ValueError(f"images have {channels} channels; PNG grids support 1, 3 or 4")
-    image = Image.fromarray(grid[..., 0] if channels == 1 else grid)
-    with atomic_open(path, "wb") as f:
-        image.save(f, format="PNG")
-    return os.fspath(path)
+    return save_png(path, make_grid(images, ncols, **READABLE))

@@ -117,8 +117,6 @@ def load_run(workdir: str | os.PathLike) -> LoadedRun:
     if saved is None:
         raise UsageError(f"workdir={path!r} has no readable config.json: it is not a training run")
     config = ml_collections.ConfigDict(saved)
-    if "mesh" not in config:  # a run from before the mesh section
-        config.mesh = config_lib.default_config().mesh
     try:
         config_lib.validate(config)
     except UsageError as e:

@@ -7,10 +7,10 @@ decay 0.9999.
 Randomness is keyed per example: the example in row ``i`` of the global batch of step ``s`` draws
 its timestep, noise and label dropout from ``fold_in(fold_in(key(seed), s), i)``, so what an
 example receives does not depend on how many devices or processes share the batch. The UNet's
-dropout needs one key per model call, i.e. per device: device ``d`` uses
-``fold_in(fold_in(key(seed), s), B + d)`` (``B`` the global batch size, so the two families of
-keys never collide). With ``model.dropout > 0`` results therefore depend on the device count;
-with dropout off they do not (up to the reduction order of the gradient mean).
+dropout takes one key, ``fold_in(fold_in(key(seed), s), B)`` (``B`` the global batch size, so the
+two families of keys never collide), the same on every device, and the rows' global indices:
+the mask of row ``i`` is a function of (that key, ``i``) alone. So training is device-count
+invariant with dropout too (up to the reduction order of the gradient mean).
 
 Example:
     >>> optimizer = make_optimizer(lr=2e-4, warmup_steps=5000, grad_clip=1.0)
@@ -154,7 +154,7 @@ def draw_example_randomness(
 class _StepMath(NamedTuple):
     """The pieces of one training step, shared by the per-device and the global-view step."""
 
-    device_grads: Callable  # (params, step, rows, axis_name) -> (loss, grads) of those rows
+    device_grads: Callable  # (params, step, rows) -> (loss, grads) of those rows
     update: Callable  # (state, loss, grads) -> (state, metrics), loss and grads averaged
 
 
@@ -173,7 +173,7 @@ def _step_math(
     p_uncond,
     null_label,
 ) -> _StepMath:
-    def device_grads(params, step, batch, axis_name):
+    def device_grads(params, step, batch):
         """The loss and gradient of one device's rows (not yet averaged over devices)."""
         x0 = batch["image"]
         keys = example_keys(seed, step, batch["index"])
@@ -184,12 +184,13 @@ def _step_math(
         if null_label is not None:
             cond["y"] = jnp.where(drop, null_label, batch["label"]).astype(jnp.int32)
         step_key = jax.random.fold_in(jax.random.key(seed), step)
-        dropout_key = jax.random.fold_in(
-            step_key, global_batch_size + jax.lax.axis_index(axis_name)
-        )
+        dropout_key = jax.random.fold_in(step_key, global_batch_size)  # one for all devices
+        rows = batch["index"]
 
         def loss_fn(params):
-            model_fn = lambda x_t, t_, **c: apply_fn(params, x_t, t_, rng=dropout_key, **c)
+            model_fn = lambda x_t, t_, **c: apply_fn(
+                params, x_t, t_, rng=dropout_key, example_index=rows, **c
+            )
             return losses.diffusion_loss(
                 model_fn,
                 schedule,
@@ -240,13 +241,14 @@ def make_train_step(
     """The per-device training step, to be mapped over ``axis_name`` (see ``ddpm_jax.parallel``).
 
     Args:
-      apply_fn: ``apply_fn(params, x_t, t, y=None, rng=None) -> [b, H, W, C]`` the network in
-        training mode (``rng`` is its dropout key; ``y`` int32 ``[b]`` labels when
-        ``null_label`` is set).
+      apply_fn: ``apply_fn(params, x_t, t, y=None, rng=None, example_index=None) ->
+        [b, H, W, C]`` the network in training mode (``rng`` is its dropout key,
+        ``example_index`` int32 ``[b]`` the rows' global indices that key the dropout masks;
+        ``y`` int32 ``[b]`` labels when ``null_label`` is set).
       schedule: the noise schedule.
       optimizer: the optax transformation the state was created with.
       seed: the config seed (per-example keys, see the module docstring).
-      global_batch_size: B, rows of the global batch (offset of the dropout keys).
+      global_batch_size: B, rows of the global batch (the tag of the dropout key).
       axis_name: the mapped data axis; gradients, loss and grad norm are averaged over it.
       lr_schedule: reported as metric ``lr``; None reports nothing.
       prediction / weighting / min_snr_gamma: the loss (``ddpm_jax.losses.diffusion_loss``).
@@ -279,7 +281,7 @@ def make_train_step(
     )
 
     def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        loss, grads = parts.device_grads(state.params, state.step, batch, axis_name)
+        loss, grads = parts.device_grads(state.params, state.step, batch)
         grads = jax.lax.pmean(grads, axis_name)
         loss = jax.lax.pmean(loss, axis_name)
         return parts.update(state, loss, grads)
@@ -297,7 +299,6 @@ def make_global_train_step(
     *,
     seed: int,
     global_batch_size: int,
-    axis_name: str | tuple[str, ...],
     map_grads: Callable[[GradFn], GradFn],
     lr_schedule: optax.Schedule | None = None,
     prediction: str = "eps",
@@ -310,8 +311,8 @@ def make_global_train_step(
     """The training step of :func:`make_train_step` on the global batch, for ``jax.jit`` with
     shardings (``ddpm_jax.parallel.fsdp``).
 
-    The loss and gradient are those of the per-device step: its gradient function (this
-    device's rows, its per-example keys and dropout key) mapped over the devices by
+    The loss and gradient are those of the per-device step: its gradient function (one device's
+    rows with their per-example keys and dropout masks) mapped over the devices by
     ``map_grads``, which also averages them; the update (clipping, Adam, EMA) runs on the global
     view, in whatever sharding ``map_grads`` returns the gradient (FSDP: that of the parameters,
     so Adam and the EMA run on shards). The results equal the per-device step's up to the float32
@@ -321,11 +322,9 @@ def make_global_train_step(
       apply_fn / schedule / optimizer / seed / global_batch_size / lr_schedule / prediction /
         weighting / min_snr_gamma / ema_decay / p_uncond / null_label: see
         :func:`make_train_step`.
-      axis_name: the mapped axis (or axes) of the devices, in batch order; device ``d`` of it
-        draws the dropout key ``fold_in(step_key, B + d)``.
       map_grads: turns the per-device ``grad_fn(params, step, rows) -> (loss, grads)`` (the
-        loss and gradient of one device's rows, under ``axis_name``) into ``fn(params, step,
-        batch) -> (loss, grads)`` of the global batch, averaged over all rows (e.g.
+        loss and gradient of one device's rows) into ``fn(params, step, batch) -> (loss,
+        grads)`` of the global batch, averaged over all rows (e.g.
         ``FullyShardedDataParallel.map_grads``: ``shard_map`` and a reduce-scatter).
 
     Returns:
@@ -347,9 +346,7 @@ def make_global_train_step(
         p_uncond=p_uncond,
         null_label=null_label,
     )
-    global_grads = map_grads(
-        lambda params, step, rows: parts.device_grads(params, step, rows, axis_name)
-    )
+    global_grads = map_grads(parts.device_grads)
 
     def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         loss, grads = global_grads(state.params, state.step, batch)

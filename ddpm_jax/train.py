@@ -42,11 +42,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from ddpm_jax import builders, data, images, parallel
+from ddpm_jax import builders, data, images, parallel, resume
 from ddpm_jax import config as config_lib
 from ddpm_jax.checkpoint import Checkpointer, PreemptionGuard
 from ddpm_jax.errors import NonFiniteLossError, UsageError
+from ddpm_jax.evaluation.during_training import PeriodicEvaluation, summary
 from ddpm_jax.generate import Generator
+from ddpm_jax.records import RunRecords
 from ddpm_jax.workdir import (
     FINAL_TAG,
     GRID_TAG,
@@ -55,7 +57,6 @@ from ddpm_jax.workdir import (
     format_duration,
     is_writer,
     log,
-    read_json,
     run_key,
     save_npz,
     warn,
@@ -114,7 +115,7 @@ def run(
 ) -> RunResult:
     """Trains (or resumes) the diffusion model of ``config`` in ``workdir``.
 
-    On an existing run the config is compared first (:func:`check_resume`); nothing in
+    On an existing run the config is compared first (``resume.check_resume``); nothing in
     ``workdir`` is written before the newest readable checkpoint has been restored.
 
     Args:
@@ -141,7 +142,7 @@ def run(
     """
     config_lib.validate(config, device_count=jax.device_count(), process_count=jax.process_count())
     workdir = check_workdir(workdir)
-    changes = check_resume(config, workdir)
+    changes = resume.check_resume(config, workdir)
     ds = builders.build_dataset(config) if dataset is None else dataset
     model = builders.build_model(config, ds.num_classes) if model is None else model
     trainer = Trainer(config, workdir, ds, model, decode_fn)
@@ -152,33 +153,6 @@ def run(
         raise
     trainer.close()
     return result
-
-
-def check_resume(config: ml_collections.ConfigDict, workdir: str) -> dict[str, tuple]:
-    """Compares ``config`` with the one the run in ``workdir`` was started with; reads only.
-
-    Returns:
-      ``{field: (saved, given)}`` of the fields that may change between invocations of a run
-      (empty for a new run).
-
-    Raises:
-      UsageError: a field that fixes what the run trains differs (``config.RUN_IDENTITY``); the
-        message names each with both values. Nothing in ``workdir`` has been touched.
-    """
-    path = os.path.join(workdir, "config.json")
-    saved = read_json(path)
-    if saved is None:
-        if os.path.exists(path):
-            raise UsageError(f"{path} is not valid JSON: the run's config cannot be compared")
-        return {}
-    conflicts, changes = config_lib.resume_changes(saved, json.loads(config.to_json()))
-    if conflicts:
-        listed = "; ".join(f"{f} was {a!r}, now {b!r}" for f, (a, b) in conflicts.items())
-        raise UsageError(
-            f"{workdir} holds a run of another configuration ({listed}); nothing was changed. "
-            "Resume it with the values it was started with, or start a new run in a new --workdir"
-        )
-    return changes
 
 
 class Trainer:
@@ -194,7 +168,9 @@ class Trainer:
 
     def __init__(self, config, workdir: str, ds: data.Dataset, model: nn.Module, decode_fn=None):
         self.config, self.workdir, self.ds, self.model = config, workdir, ds, model
-        self.metrics = JsonLines(os.path.join(workdir, "metrics.jsonl"))
+        self.metrics_path = os.path.join(workdir, "metrics.jsonl")
+        self.records: RunRecords | None = None  # opened once the start step is known
+        self.evaluator = None  # built at the first evaluation
         self.samples_path = os.path.join(workdir, "samples.npz")
         self.dp = builders.build_parallel(config)
         self.schedule = builders.build_schedule(config)
@@ -213,12 +189,23 @@ class Trainer:
             decode_fn=decode_fn,
             **builders.sample_settings(config),
         )
+        self.evaluation = None
+        if "eval" in config and config.eval.every > 0:
+            output_shape = ds.image_shape
+            if decode_fn is not None:
+                x = jax.ShapeDtypeStruct((1, *ds.image_shape), jax.numpy.float32)
+                output_shape = jax.eval_shape(decode_fn, x).shape[1:]
+            classes = model.null_label is not None and "latent" not in config
+            self.evaluation = PeriodicEvaluation(config, self.generator, output_shape, classes)
+        self.tty = is_writer() and sys.stdout.isatty()
         self.ckpt = Checkpointer(
             os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints
         )
 
     def close(self, raise_errors: bool = True) -> None:
-        """Waits for pending checkpoint writes and releases the checkpointer."""
+        """Waits for pending checkpoint writes and releases the checkpointer and the records."""
+        if self.records is not None:
+            self.records.close()
         try:
             self.ckpt.close()
         except Exception:
@@ -260,31 +247,33 @@ class Trainer:
         )
         if is_writer():  # the restore succeeded: now the run's files may change
             self._record_start(start, changes, started_over=had_checkpoints and start == 0)
+        self.records = RunRecords(self.workdir, start)
         os.makedirs(os.path.join(self.workdir, "samples"), exist_ok=True)
         if start >= tc.num_steps:
             log(f"training already finished (step {start} >= train.num_steps={tc.num_steps})")
             path = self._final_samples(state, overwrite=False)
             status = "preempted" if self.preemption.requested else "already_complete"
             ema = self.dp.gather(state.ema_params)
-            return RunResult(status, start, self.workdir, self.metrics.path, path, ema)
+            return RunResult(status, start, self.workdir, self.metrics_path, path, ema)
         status, step, state = self._loop(self.dp.to_step(state), start, step_callback)
         path = None
         if status == "completed":
+            self._write_report()
             path = self._final_samples(self.dp.from_step(state), overwrite=True)
             status = "preempted" if self.preemption.requested else status
         if status == "completed":
             log(
-                f"done: {step} steps. metrics: {self.metrics.path}; sample grids: "
+                f"done: {step} steps. metrics: {self.metrics_path}; sample grids: "
                 f"{self.workdir}/samples/; samples: {path}; checkpoints: {self.ckpt.directory}"
             )
         ema = self.dp.gather(self.dp.from_step(state).ema_params)
-        return RunResult(status, step, self.workdir, self.metrics.path, path, ema)
+        return RunResult(status, step, self.workdir, self.metrics_path, path, ema)
 
     def _record_start(self, start: int, changes: dict, started_over: bool) -> None:
         """config.json, config_history.jsonl and metrics.jsonl after a restore (process 0)."""
-        if started_over and self.metrics.read():
-            kept = f"{self.metrics.path}.{int(time.time())}.before-step-0"
-            os.replace(self.metrics.path, kept)  # a start over keeps the old records
+        if started_over and JsonLines(self.metrics_path).read():
+            kept = f"{self.metrics_path}.{int(time.time())}.before-step-0"
+            os.replace(self.metrics_path, kept)  # a start over keeps the old records
             warn(f"training starts from step 0: the earlier metrics were moved to {kept}")
         if changes and start > 0:
             record = dict(step=start, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -293,7 +282,6 @@ class Trainer:
             listed = ", ".join(f"{f} {a!r} -> {b!r}" for f, (a, b) in changes.items())
             log(f"config changes from step {start} on (config_history.jsonl): {listed}")
         write_json(os.path.join(self.workdir, "config.json"), json.loads(self.config.to_json()))
-        self.metrics.cut(start)
 
     def _loop(self, state, start: int, step_callback):
         tc, dp, ckpt = self.config.train, self.dp, self.ckpt
@@ -303,7 +291,7 @@ class Trainer:
         pending: list[tuple[int, dict]] = []  # (first step, metrics on device), not yet checked
         step, last_saved = start, start
         window = [time.time(), start]
-        t_start, tty = time.time(), is_writer() and sys.stdout.isatty()
+        t_start, tty = time.time(), self.tty
 
         def flush() -> None:
             """Fetches the pending metrics, stops on a non-finite one, logs the log steps."""
@@ -329,7 +317,7 @@ class Trainer:
                         record = dict(step=s, loss=float(loss), grad_norm=float(gnorm))
                         record.update(lr=float(m["lr"][j]), steps_per_sec=sps)
                         record.update(elapsed_s=now - t_start)
-                        self.metrics.append(record)
+                        self.records.scalars(record)
                         eta = format_duration((tc.num_steps - s) / sps if sps > 0 else None)
                         line = f"step {s}/{tc.num_steps} | loss {loss:.4f} | {sps:.2f} steps/s"
                         if tty:  # one progress line, rewritten in place
@@ -372,6 +360,10 @@ class Trainer:
                 save()
             if self.config.sample.grid_size > 0 and crossed(tc.sample_every):
                 self._sample_grid(state, step)
+            if self.evaluation is not None and (
+                crossed(self.config.eval.every) or step == tc.num_steps
+            ):
+                self._evaluate(state, step)
         flush()
         if tty:
             log()
@@ -383,7 +375,24 @@ class Trainer:
         ema = self.dp.from_step(state.ema_params)
         imgs, _ = self.generator(ema, run_key(self.config.seed, GRID_TAG), g * g)
         if is_writer():
-            images.save_png_grid(f"{self.workdir}/samples/step_{step:07d}.png", imgs, g)
+            grid = images.make_grid(imgs, g, **images.READABLE)  # column j: class j (cycled)
+            images.save_png(f"{self.workdir}/samples/step_{step:07d}.png", grid)
+            self.records.image("samples", grid, step)
+
+    def _evaluate(self, state, step: int) -> None:
+        """FID / KID (and accuracy) of EMA samples into the records, and the report plot."""
+        record = self.evaluation(self.dp.gather(self.dp.from_step(state.ema_params)), step)
+        self.records.scalars(record)
+        tc = self.config.train
+        log(f"{chr(10) if self.tty else ''}step {step}/{tc.num_steps} | eval: {summary(record)}")
+        self._write_report()
+
+    def _write_report(self) -> None:
+        """``report.png``: the loss (and evaluation metrics) against the step (process 0)."""
+        if is_writer() and self.records.metrics.read():
+            from ddpm_jax.evaluation.report import plot_run  # matplotlib: only when plotting
+
+            plot_run(self.workdir, os.path.join(self.workdir, "report.png"))
 
     def _final_samples(self, state, *, overwrite: bool) -> str | None:
         """Writes ``samples.npz`` from the EMA parameters of ``state`` (in the layout's state

@@ -68,6 +68,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample.guidance_scale = 2.0
     c.sample.grid_size = 10  # 100 samples: column j is class j (labels cycle through 0..9)
     c.sample.batch_size = 100  # the grids and the final samples share one compiled sampler
+
+    c.eval.every = 200  # digits-FID and class accuracy of EMA samples during training
+    c.eval.num_samples = 500
+    c.eval.method = c.sample.method  # the same compiled sampler again
+    c.eval.num_steps = c.sample.num_steps
+    c.eval.guidance_scale = c.sample.guidance_scale
     return c
 
 

@@ -141,8 +141,8 @@ def test_evaluate_report_and_grid(run_evaluator, classifier, tmp_path):
     with open(out) as f:
         saved = json.load(f)
     assert saved["metrics"] == result["metrics"] and saved["grid"] == grid
-    with Image.open(grid) as im:  # 20 images in 2 rows of 10 tiles of 8 px, 1 px padding
-        assert im.size == (10 * 9 + 1, 2 * 9 + 1)
+    with Image.open(grid) as im:  # 20 images in 2 rows of 10 tiles of 8 px enlarged 4x
+        assert im.size == (10 * 33 + 1, 2 * 33 + 1)
 
 
 def test_floor_matches_digits_metrics(run_evaluator, classifier):
@@ -375,7 +375,7 @@ def test_cli_evaluates_a_tfds_run_without_its_data(tmp_path, monkeypatch, capsys
     assert all(np.isfinite(v) for v in result["metrics"].values())
     grid = os.path.join(workdir, "eval", "ddim_2_g1_n4_seed0.png")
     with Image.open(grid) as im:
-        assert im.mode == "RGB" and im.size == (4 * 9 + 1, 9 + 1)
+        assert im.mode == "RGB" and im.size == (4 * 65 + 1, 65 + 1)  # 8 px cells enlarged 8x
 
 
 # ----------------------------------------------------------------------------- a latent run
@@ -466,5 +466,5 @@ def test_cli_evaluates_a_latent_run(
         assert int(f["count"]) == 1437
         np.testing.assert_allclose(f["mu"], feats.mean(0), rtol=1e-10, atol=1e-10)
     grid = os.path.join(workdir, "eval", "dpmpp_2m_3_g3_n20_seed0.png")
-    with Image.open(grid) as im:  # 20 samples of 16 px in 2 rows of 10
-        assert im.mode == "L" and im.size == (10 * 17 + 1, 2 * 17 + 1)
+    with Image.open(grid) as im:  # 20 samples of 16 px in 2 rows of 10, enlarged 2x
+        assert im.mode == "L" and im.size == (10 * 33 + 1, 2 * 33 + 1)

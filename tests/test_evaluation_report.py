@@ -117,10 +117,10 @@ def test_write_report(tmp_path):
     with open(out) as f:
         saved = json.load(f)
     assert saved == {**result, "grid": grid} and grid == str(tmp_path / "eval" / "r.png")
-    with Image.open(grid) as im:  # 20 images in 2 rows of 10 tiles of 8 px, 1 px padding
-        assert im.size == (10 * 9 + 1, 2 * 9 + 1)
+    with Image.open(grid) as im:  # 20 images in 2 rows of 10 tiles of 8 px enlarged 4x
+        assert im.size == (10 * 33 + 1, 2 * 33 + 1)
         tiles = np.asarray(im)
-    np.testing.assert_array_equal(tiles[10:18, 1:9], imgs[10, ..., 0])
+    np.testing.assert_array_equal(tiles[34:66:4, 1:33:4], imgs[10, ..., 0])  # row 2, column 1
 
 
 def test_plot_run(tmp_path):

@@ -177,7 +177,7 @@ def test_cifar_end_to_end_on_mock_data(mock_tfds, tmp_path, capsys):
         assert np.isfinite(m["loss"]) and m["loss"] > 0 and m["steps_per_sec"] > 0
     assert os.listdir(os.path.join(workdir, "samples")) == ["step_0000002.png"]
     png = Image.open(os.path.join(workdir, "samples", "step_0000002.png"))
-    assert png.mode == "RGB" and png.size == (2 * 33 + 1, 2 * 33 + 1)  # 2x2 tiles, 1-px padding
+    assert png.mode == "RGB" and png.size == (2 * 129 + 1,) * 2  # 2x2 tiles enlarged 4x: >= 256
     assert _checkpoint_steps(workdir) == [2, 3]
     with np.load(os.path.join(workdir, "samples.npz")) as f:
         images, labels = f["images"], f["labels"]
@@ -214,6 +214,7 @@ def test_digits_cli_with_every_contract_flag(tmp_path, capsys):
         "--config.train.steps_per_call=2",
         "--config.train.sample_every=2",
         "--config.sample.grid_size=4",
+        "--config.eval.every=0",
     ]
     result = cli.main(digits.get_config, argv)
     assert (result.status, result.step) == ("completed", 4)
@@ -231,7 +232,7 @@ def test_digits_cli_with_every_contract_flag(tmp_path, capsys):
         "step_0000004.png",
     ]
     png = Image.open(os.path.join(workdir, "samples", "step_0000004.png"))
-    assert png.mode == "L" and png.size == (4 * 9 + 1, 4 * 9 + 1)
+    assert png.mode == "L" and png.size == (4 * 65 + 1, 4 * 65 + 1)  # 8x8 cells enlarged 8x
     with np.load(os.path.join(workdir, "samples.npz")) as f:
         images, labels = f["images"], f["labels"]
     assert images.dtype == np.uint8 and images.shape == (16, 8, 8, 1)

@@ -59,12 +59,12 @@ def test_save_png_grid_roundtrip_atomic(tmp_path, channels, mode):
     with Image.open(path) as f:
         assert f.mode == mode
         loaded = np.asarray(f)
-    expected = im.make_grid(imgs, ncols=2)
+    expected = im.make_grid(imgs, ncols=2, **im.READABLE)
     np.testing.assert_array_equal(loaded, expected[..., 0] if channels == 1 else expected)
     assert os.listdir(path.parent) == ["grid.png"]  # no temp file left behind
     im.save_png_grid(path, imgs[:1], ncols=1)  # overwrites in place
     with Image.open(path) as f:
-        assert f.size == (8, 7)
+        assert f.size == (43 * 6 + 2, 43 * 5 + 2)  # one 5x6 cell enlarged 43x: 260 >= 256 wide
 
 
 def test_resize_of_one_image_and_of_a_batch():
@@ -77,3 +77,15 @@ def test_resize_of_one_image_and_of_a_batch():
     np.testing.assert_array_equal(im.resize(flat, (4, 6)), np.full((4, 6, 3), 77))
     with pytest.raises(ValueError, match="uint8"):
         im.resize(batch.astype(np.float32), (4, 4))
+
+
+def test_readable_grids_enlarge_small_images_with_thin_separators():
+    digits = np.arange(100 * 8 * 8, dtype=np.int64).reshape(100, 8, 8, 1) % 256
+    scale = 4  # the smallest factor that reaches 256: 10 * 8 * 4 + 11 = 331 >= 256 > 10 * 24 + 11
+    grid = im.make_grid(digits.astype(np.uint8), 10, **im.READABLE)
+    assert grid.shape == (10 * (8 * scale + 1) + 1,) * 2 + (1,)
+    cell = grid[1 : 1 + 8 * scale, 1 : 1 + 8 * scale, 0]
+    np.testing.assert_array_equal(cell, np.kron(digits[0, ..., 0], np.ones((scale, scale))))
+    assert (grid[0] == 128).all() and (grid[:, 8 * scale + 1] == 128).all()  # separators
+    big = np.zeros((4, 300, 300, 3), np.uint8)
+    assert im.make_grid(big, 2, **im.READABLE).shape == (603, 603, 3)  # large: never shrunk

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -147,7 +150,9 @@ def test_frozen_vae_receives_no_updates(vae_setup, model_setup):
     state = state_lib.create_train_state(variables, optimizer)
     assert set(state.params["params"]) == {"unet", "text"}  # no VAE parameter to optimise
     step_fn = state_lib.make_train_step(
-        lambda p, x_t, t, y=None, rng=None: model.apply(p, x_t, t, y, train=True),
+        lambda p, x_t, t, y=None, rng=None, example_index=None: model.apply(
+            p, x_t, t, y, train=True
+        ),
         schedules.get("cosine", 100),
         optimizer,
         seed=0,
@@ -344,3 +349,55 @@ def test_latent_run_resumes_with_the_trained_vae_and_loads_for_sampling(latent_r
     assert imgs.shape == (4, 16, 16, 1) and imgs.dtype == np.uint8
     info = json.loads((workdir / "latent.json").read_text())
     np.testing.assert_array_equal(run.classes_of(labels), np.asarray(info["prompt_classes"])[:4])
+
+
+def test_sigterm_in_each_phase_writes_nothing_final_and_the_rerun_equals_an_uninterrupted_run(
+    latent_run, tmp_path, monkeypatch, capsys
+):
+    """SIGTERM in the autoencoder phase, then (re-run) in the diffusion phase, then (re-run)
+    while sampling: each run returns cleanly with no samples.npz; the last re-run writes the
+    samples of an uninterrupted run, bit for bit."""
+    from ddpm_jax import train
+    from ddpm_jax.latent import frozen_vae
+    from experiments import latent_digits
+
+    workdir = tmp_path / "run"
+    sigterm = lambda: os.kill(os.getpid(), signal.SIGTERM)
+    with monkeypatch.context() as patch:  # 1: the autoencoder's training, at its step 5
+        original = frozen_vae.train_autoencoder
+
+        def vae_training(*args, callback, **kwargs):
+            def hooked(step, params, opt_state):
+                if step == 5:
+                    sigterm()
+                return callback(step, params, opt_state)
+
+            return original(*args, callback=hooked, **kwargs)
+
+        patch.setattr(frozen_vae, "train_autoencoder", vae_training)
+        assert latent_digits.main(_tiny_latent_flags(workdir)) is None
+    assert "saved the autoencoder's training at step 5" in capsys.readouterr().out
+    assert (workdir / "vae_training.msgpack").exists() and not (workdir / "vae.msgpack").exists()
+
+    with monkeypatch.context() as patch:  # 2: the diffusion phase, after its step 2
+        hook = lambda step: sigterm() if step == 2 else None
+        patch.setattr(train, "run", functools.partial(train.run, step_callback=hook))
+        assert latent_digits.main(_tiny_latent_flags(workdir)) is None
+    out = capsys.readouterr().out
+    assert "resuming the autoencoder's training from step 5" in out
+    assert "saved the checkpoint of step 2" in out and not (workdir / "samples.npz").exists()
+
+    with monkeypatch.context() as patch:  # 3: while sampling the prompts
+        original_sampling = prompts.sample_prompt_images
+        interrupted = lambda *a, **k: sigterm() or original_sampling(*a, **k)
+        patch.setattr(prompts, "sample_prompt_images", interrupted)
+        assert latent_digits.main(_tiny_latent_flags(workdir)) is None
+    assert "preempted (SIGTERM) while sampling" in capsys.readouterr().out
+    assert not (workdir / "samples.npz").exists()
+
+    assert latent_digits.main(_tiny_latent_flags(workdir))["train_steps"] == 4
+    reference, _ = latent_run
+    for name in ("vae.msgpack",):
+        assert (workdir / name).read_bytes() == (reference / name).read_bytes()
+    with np.load(workdir / "samples.npz") as a, np.load(reference / "samples.npz") as b:
+        np.testing.assert_array_equal(a["images"], b["images"])

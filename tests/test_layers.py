@@ -1,10 +1,13 @@
 """Tests for ddpm_jax.models.layers: the Flax blocks.
 
 Known answers: a float64 NumPy timestep embedding and group normalisation; the same dropout
-masks and values as flax.linen.Dropout. The blocks inside the whole network (identity at
-initialisation, diffusers' ``Transformer2DModel``) are checked in tests/test_unet.py.
+masks and values as flax.linen.Dropout; masks keyed by the example index that split with the
+batch; the "xla" and "cpu" kernel families giving the same outputs and gradients on the blocks of
+the CIFAR-10 UNet. The blocks inside the whole network (identity at initialisation, diffusers'
+``Transformer2DModel``) are checked in tests/test_unet.py.
 """
 
+import functools
 import math
 
 import flax.linen as nn
@@ -12,15 +15,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import random_params
 
+from ddpm_jax.models.attention import AttnBlock, SpatialTransformer
 from ddpm_jax.models.layers import (
     DTYPES,
     RESBLOCK_CONDITIONINGS,
+    Downsample,
     Dropout,
     GroupNorm,
     ResBlock,
+    Upsample,
     timestep_embedding,
 )
+
+# Compile time dominates these tests: XLA's LLVM optimisation level 0 halves it on CPU.
+_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+FAMILIES = ("xla", "cpu")
 
 
 def test_timestep_embedding_matches_float64_reference():
@@ -99,3 +110,108 @@ def test_dtypes_name_the_compute_dtypes_and_params_stay_float32():
         params = jax.eval_shape(norm.init, jax.random.key(0), x)
         assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
         assert jax.eval_shape(norm.apply, params, x.astype(dtype)).dtype == dtype
+
+
+def test_dropout_masks_keyed_by_example_index_split_with_the_batch():
+    """With example_index, the masks of 8 rows are the masks of rows 0-3 (indices 0..3) and rows
+    4-7 (indices 4..7) computed separately, as on two devices with the same 'dropout' key, and
+    both kernel families draw the same masks."""
+    x = jnp.ones((8, 4, 4, 16))
+    rngs = {"dropout": jax.random.key(3)}
+    index = jnp.arange(8, dtype=jnp.int32)
+    masks = {}
+    for kernels in FAMILIES:
+        drop = _jit(lambda x, i, k=kernels: Dropout(0.5, k).apply({}, x, False, i, rngs=rngs) != 0)
+        whole = drop(x, index)
+        np.testing.assert_array_equal(
+            whole, np.concatenate([drop(x[:4], index[:4]), drop(x[4:], index[4:])])
+        )
+        masks[kernels] = whole
+        assert abs(float(jnp.mean(whole)) - 0.5) < 0.05
+        assert not np.array_equal(whole[0], whole[1])  # rows differ
+    np.testing.assert_array_equal(masks["xla"], masks["cpu"])
+
+
+def _assert_close(got, want, rtol, name):
+    """Leaf by leaf: ||got - want|| <= rtol * ||want||, with ||want|| floored at 1e-2 of the
+    largest leaf norm: gradients that are zero in exact arithmetic (the attention key bias:
+    softmax ignores a shift shared by all logits) are rounding noise in both families (measured
+    ~2e-5 against leaf norms of ~1e3)."""
+    got, want = jax.tree.leaves(got), jax.tree.leaves(want)
+    norms = [float(np.linalg.norm(np.asarray(w, np.float64))) for w in want]
+    floor = 1e-2 * max(norms)
+    worst = 0.0
+    for g, w, n in zip(got, want, norms, strict=True):
+        diff = np.linalg.norm(np.asarray(g, np.float64) - np.asarray(w, np.float64))
+        worst = max(worst, diff / max(n, floor))
+    assert worst <= rtol, (name, worst)
+    return worst
+
+
+def _family_results(make_block, args, kwargs, seed=0):
+    """{family: (output, (d params, d args...))} of ``make_block(family)``, same parameters."""
+    params = random_params(make_block("cpu"), *args, seed=seed, **kwargs)
+    rng = np.random.default_rng(seed)
+    results = {}
+    for kernels in FAMILIES:
+        block = make_block(kernels)
+        fn = lambda p, *a, b=block: b.apply(p, *a, **kwargs, rngs={"dropout": jax.random.key(1)})
+
+        @_jit
+        def value_and_vjp(p, args, dy, fn=fn):
+            y, vjp = jax.vjp(fn, p, *args)
+            return y, vjp(dy)
+
+        dy = jnp.asarray(rng.standard_normal(jax.eval_shape(fn, params, *args).shape), jnp.float32)
+        results[kernels] = value_and_vjp(params, args, dy)
+        rng = np.random.default_rng(seed)  # the same cotangent for both families
+    return results
+
+
+def _normal(seed, *shape):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+# The blocks of the CIFAR-10 UNet (ch 128, ch_mult (1, 2, 2, 2), attention at 16x16), batch 2.
+_CIFAR_BLOCKS = {
+    "resblock_128_256_32x32_dropout": (
+        lambda k: ResBlock(256, dropout=0.1, kernels=k),
+        (_normal(0, 2, 32, 32, 128), _normal(1, 2, 512)),
+        {"train": True},
+    ),
+    "resblock_256_16x16_scale_shift": (
+        lambda k: ResBlock(256, conditioning="scale_shift", kernels=k),
+        (_normal(2, 2, 16, 16, 256), _normal(3, 2, 512)),
+        {},
+    ),
+    "attnblock_256_16x16": (lambda k: AttnBlock(kernels=k), (_normal(4, 2, 16, 16, 256),), {}),
+    "upsample_256_16x16": (lambda k: Upsample(kernels=k), (_normal(5, 2, 16, 16, 256),), {}),
+    "downsample_128_32x32": (lambda k: Downsample(kernels=k), (_normal(6, 2, 32, 32, 128),), {}),
+    "groupnorm_swish_128_32x32": (
+        lambda k: GroupNorm(32, swish=True, kernels=k),
+        (_normal(7, 2, 32, 32, 128),),
+        {},
+    ),
+    "spatial_transformer_64_8x8": (
+        lambda k: SpatialTransformer(num_heads=2, num_groups=8, kernels=k),
+        (_normal(8, 2, 8, 8, 64), _normal(9, 2, 5, 32)),
+        {},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(_CIFAR_BLOCKS))
+def test_xla_and_cpu_kernels_give_the_same_outputs_and_gradients(name):
+    """The two kernel families agree to 1e-5 (relative) on each block's output and on the
+    gradients of its parameters and inputs (dropout masks included: they are the same)."""
+    make_block, args, kwargs = _CIFAR_BLOCKS[name]
+    results = _family_results(make_block, args, kwargs)
+    (y_xla, g_xla), (y_cpu, g_cpu) = results["xla"], results["cpu"]
+    assert float(jnp.abs(y_cpu).max()) > 0
+    _assert_close(y_xla, y_cpu, 1e-5, f"{name} output")
+    _assert_close(g_xla, g_cpu, 1e-5, f"{name} gradients")
+
+
+def test_blocks_reject_unknown_kernels():
+    with pytest.raises(ValueError, match=r"kernels must be one of \('auto', 'xla', 'cpu'\)"):
+        GroupNorm(4, kernels="gpu").init(jax.random.key(0), jnp.ones((1, 2, 2, 8)))

@@ -33,7 +33,7 @@ SCHEDULE = schedules.linear(T, beta_start=1e-3, beta_end=0.2)
 OPT = st.make_optimizer(lr=1e-2, warmup_steps=2)
 
 
-def _apply_fn(params, x_t, t, y=None, rng=None):
+def _apply_fn(params, x_t, t, y=None, rng=None, example_index=None):
     return MODEL.apply(params, x_t, t)
 
 

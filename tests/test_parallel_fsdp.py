@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from ddpm_jax import config as config_lib
-from ddpm_jax import parallel, schedules
+from ddpm_jax import parallel, resume, schedules
 from ddpm_jax import state as st
 from ddpm_jax.errors import UsageError
 from ddpm_jax.parallel import FullyShardedDataParallel, partition_spec
@@ -24,13 +24,16 @@ B, H, C, T, CLASSES = 16, 4, 1, 50, 3
 
 
 class TinyConditionalDenoiser(nn.Module):
-    """Two convolutions, timestep and label embeddings, and dropout (so the dropout keys count)."""
+    """Two convolutions, timestep and label embeddings, and dropout keyed like the UNet's: one
+    key, each row's mask from (key, its global index)."""
 
     @nn.compact
-    def __call__(self, x, t, y, train=True):
+    def __call__(self, x, t, y, rng=None, example_index=None):
         h = nn.Conv(16, (3, 3))(x) + nn.Embed(T, 16)(t)[:, None, None, :]
-        h = h + nn.Embed(CLASSES + 1, 16)(y)[:, None, None, :]
-        h = nn.Dropout(0.3, deterministic=not train)(nn.swish(h))
+        h = nn.swish(h + nn.Embed(CLASSES + 1, 16)(y)[:, None, None, :])
+        if rng is not None:
+            bits = lambda i: jax.random.bernoulli(jax.random.fold_in(rng, i), 0.7, h.shape[1:])
+            h = jnp.where(jax.vmap(bits)(example_index), h / 0.7, 0.0)
         return nn.Conv(C, (3, 3))(h)
 
 
@@ -46,8 +49,8 @@ STEP_ARGS = dict(
 )
 
 
-def _apply_fn(params, x_t, t, y=None, rng=None):
-    return MODEL.apply(params, x_t, t, y, rngs={"dropout": rng})
+def _apply_fn(params, x_t, t, y=None, rng=None, example_index=None):
+    return MODEL.apply(params, x_t, t, y, rng, example_index)
 
 
 def _init():
@@ -177,5 +180,5 @@ def test_config_mesh_section_is_validated_and_resumable():
         config_lib.validate(c)
     saved = {"parallel": "fsdp", "mesh": {"fsdp": 8, "fsdp_min_size": 64}}
     given = {"parallel": "shard_map", "mesh": {"fsdp": None, "fsdp_min_size": 16384}}
-    conflicts, changes = config_lib.resume_changes(saved, given)
+    conflicts, changes = resume.resume_changes(saved, given)
     assert conflicts == {} and set(changes) == {"parallel", "mesh.fsdp", "mesh.fsdp_min_size"}

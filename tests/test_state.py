@@ -93,7 +93,7 @@ def test_per_example_randomness_depends_only_on_seed_step_and_index():
 NUM_CLASSES = 3
 
 
-def _apply_fn(params, x_t, t, y=None, rng=None):
+def _apply_fn(params, x_t, t, y=None, rng=None, example_index=None):
     """A model whose output depends on x_t, t and y: w x_t + b[t] + e[y]."""
     out = params["w"] * x_t + params["b"][t][:, None, None, None]
     return out + params["e"][y][:, None, None, None]
@@ -162,7 +162,9 @@ def test_train_step_unconditional_ignores_labels():
     params = {"w": jnp.float32(0.5), "b": jnp.zeros(20), "e": jnp.zeros(NUM_CLASSES + 1)}
     opt = st.make_optimizer(lr=1e-2, warmup_steps=0)
     state = st.create_train_state(params, opt)
-    apply_fn = lambda p, x, t, rng=None: p["w"] * x + p["b"][t][:, None, None, None]
+    apply_fn = lambda p, x, t, rng=None, example_index=None: (
+        p["w"] * x + p["b"][t][:, None, None, None]
+    )
     step_fn = st.make_train_step(
         apply_fn, schedule, opt, seed=0, global_batch_size=4, axis_name="data"
     )

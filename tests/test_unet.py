@@ -6,6 +6,11 @@ diffusers' ``UNet2DModel`` (additive and scale-shift residual blocks, class embe
 attention) and ``Transformer2DModel`` (the spatial-transformer block of attention.py, here because
 it shares the reference) after converting their weights with ``ddpm_jax.weights``' converter.
 
+The kernel families: "xla" and "cpu" give the same parameters, outputs and gradients; "xla"
+supports forward mode (jacfwd equals the "cpu" kernels' jacrev); "auto" traces the "cpu" kernels on
+this CPU backend. Dropout keyed by the example index makes a row's training output independent of
+the rest of its batch.
+
 Several tests perturb the parameters first: the zero-initialised last convolutions make the
 network output exactly zero at initialisation (and every residual block the identity on its
 shortcut), so no input -- t, y, context -- could change anything until those weights move.
@@ -18,9 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import random_params
 
 from ddpm_jax.models.attention import SpatialTransformer
-from ddpm_jax.models.layers import ResBlock
+from ddpm_jax.models.layers import Dropout, ResBlock
+from ddpm_jax.models.text import PromptUNet, TextEncoder
 from ddpm_jax.models.unet import CIFAR10_DDPM, UNet, cifar10_ddpm
 from ddpm_jax.weights.diffusers import convert_state_dict
 from ddpm_jax.weights.diffusers_unet import convert_unet_weights
@@ -182,6 +189,10 @@ def test_clear_value_errors():
         UNet(16, (), 1, (), num_groups=8)
     with pytest.raises(ValueError, match="num_res_blocks"):
         UNet(16, (1,), 0, (), num_groups=8)
+    with pytest.raises(
+        ValueError, match=r"kernels must be one of \('auto', 'xla', 'cpu'\), got 'gpu'"
+    ):
+        UNet(16, (1,), 1, (), num_groups=8, kernels="gpu")
     x, t = _inputs()
     small = UNet(16, (1, 2), 1, (4,), num_groups=8, num_heads=3)
     with pytest.raises(ValueError, match="num_heads=3"):
@@ -189,6 +200,8 @@ def test_clear_value_errors():
     plain = UNet(16, (1, 2), 1, (), num_groups=8)
     with pytest.raises(ValueError, match=r"t must have shape"):
         jax.eval_shape(plain.init, jax.random.key(0), x, t[:1])
+    with pytest.raises(ValueError, match=r"example_index must be int \[B\] = \(2,\)"):
+        jax.eval_shape(plain.init, jax.random.key(0), x, t, example_index=jnp.arange(3))
     with pytest.raises(ValueError, match="num_classes is None"):
         jax.eval_shape(plain.init, jax.random.key(0), x, t, t)
     with pytest.raises(ValueError, match="context_dim is None"):
@@ -527,3 +540,160 @@ def test_spatial_transformer_matches_diffusers_transformer2d():
         )
     assert np.abs(ref_out - np.asarray(x)).max() > 0.1  # the block does something
     np.testing.assert_allclose(out, ref_out, atol=1e-5, rtol=0)  # measured ~7e-7
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel families: "xla" (plain XLA, forward and reverse mode) and "cpu" (custom VJPs).
+
+
+def _kernels_traced(model, params, *args, **kwargs):
+    """Which kernels a traced apply contains: custom VJPs, JAX's random_bits / threefry."""
+    rngs = {"dropout": jax.random.key(0)}
+    jaxpr = str(jax.make_jaxpr(lambda p: model.apply(p, *args, **kwargs, rngs=rngs))(params))
+    return {name: name in jaxpr for name in ("custom_vjp_call", "random_bits", "threefry2x32")}
+
+
+def test_auto_kernels_are_the_cpu_kernels_on_a_cpu_backend(class_model, monkeypatch):
+    model, params, _, _ = class_model
+    x, t = _inputs()
+    y = jnp.array([0, 1])
+    index = jnp.array([4, 5], jnp.int32)
+    assert model.kernels == "auto" and jax.default_backend() == "cpu"
+    traced = {
+        k: _kernels_traced(model.clone(kernels=k), params, x, t, y, train=True)
+        for k in ("auto", "cpu", "xla")
+    }
+    assert (
+        traced["auto"]
+        == traced["cpu"]
+        == dict.fromkeys(traced["cpu"], False) | {"custom_vjp_call": True}
+    )  # fused threefry: neither of JAX's random primitives
+    assert traced["xla"] == {"custom_vjp_call": False, "random_bits": True, "threefry2x32": False}
+    xla = model.clone(kernels="xla")
+    keyed = _kernels_traced(xla, params, x, t, y, train=True, example_index=index)
+    assert keyed == {"custom_vjp_call": False, "random_bits": False, "threefry2x32": True}
+    # Elsewhere "auto" is plain XLA (decided at trace time).
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert _kernels_traced(model, params, x, t, y, train=True) == traced["xla"]
+
+
+def test_xla_and_cpu_kernels_give_the_same_params_outputs_and_gradients(class_model):
+    """One checkpoint serves both families: identical initial parameters; outputs and
+    gradients in training mode (dropout masks keyed by example index) agree to 1e-5."""
+    model, params, perturbed, _ = class_model
+    x, t = _inputs()
+    y = jnp.array([0, NUM_CLASSES])
+    index = jnp.array([7, 3], jnp.int32)
+    rng = np.random.default_rng(0)
+    dy = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    # The fixture's params are those of "auto" = "cpu" on this backend.
+    init = _jit(model.clone(kernels="xla").init)(_key(1), x, t, y)
+    assert jax.tree.all(jax.tree.map(np.array_equal, init, params))
+    results = {}
+    for kernels in ("xla", "cpu"):
+        m = model.clone(kernels=kernels)
+
+        @_jit
+        def value_and_grad(p, m=m):
+            rngs = {"dropout": jax.random.key(5)}
+            fn = lambda p: m.apply(p, x, t, y, train=True, example_index=index, rngs=rngs)
+            out, vjp = jax.vjp(fn, p)
+            return out, vjp(dy)[0]
+
+        results[kernels] = value_and_grad(perturbed)
+    for part, name in ((0, "output"), (1, "gradients")):
+        want = jax.tree.leaves(results["cpu"][part])
+        norms = [float(np.linalg.norm(w)) for w in want]
+        for got, w, n in zip(jax.tree.leaves(results["xla"][part]), want, norms, strict=True):
+            # Floor: the attention key bias's gradient is zero in exact arithmetic (noise).
+            err = float(np.linalg.norm(got - w)) / max(n, 1e-2 * max(norms))
+            assert err <= 1e-5, (name, err)
+
+
+def test_forward_mode_autodiff_with_xla_kernels():
+    """jax.jacfwd / jax.jvp through the UNet with kernels="xla": the Jacobian equals the one of
+    reverse mode through the "cpu" kernels (rows by jax.vjp), and a JVP with respect to the
+    parameters in training mode satisfies <u, J v> = <J^T u, v>. The "cpu" kernels raise."""
+    model = UNet(**TINY, kernels="xla")
+    x, t = _inputs(batch=1, h=4, w=4)
+    params = random_params(model, x, t)
+    fn = lambda m: lambda x: m.apply(params, x, t)
+    jac_fwd = _jit(jax.jacfwd(fn(model)))(x)
+    jac_rev = _jit(jax.jacrev(fn(model.clone(kernels="cpu"))))(x)
+    assert jac_fwd.shape == (*x.shape, *x.shape)
+    scale = float(np.linalg.norm(jac_rev))
+    assert scale > 0.1
+    np.testing.assert_allclose(jac_fwd, jac_rev, atol=1e-5 * scale, rtol=0)
+    with pytest.raises(TypeError, match="forward-mode autodiff"):
+        jax.jvp(fn(model.clone(kernels="cpu")), (x,), (x,))
+
+    rng = np.random.default_rng(1)
+    v = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+    u = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    rngs = {"dropout": jax.random.key(2)}
+    train = lambda m: (
+        lambda p: m.apply(p, x, t, train=True, example_index=jnp.array([9]), rngs=rngs)
+    )
+    jv = _jit(lambda p, v: jax.jvp(train(model), (p,), (v,))[1])(params, v)
+    jtu = _jit(lambda p, u: jax.vjp(train(model.clone(kernels="cpu")), p)[1](u)[0])(params, u)
+    lhs = float(jnp.vdot(u, jv))
+    pairs = zip(jax.tree.leaves(jtu), jax.tree.leaves(v), strict=True)
+    rhs = sum(float(jnp.vdot(a, b)) for a, b in pairs)
+    assert abs(lhs - rhs) <= 1e-5 * float(jnp.linalg.norm(u) * jnp.linalg.norm(jv)), (lhs, rhs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropout keyed by the example's index in the global batch.
+
+
+def test_example_index_makes_training_outputs_independent_of_the_batch(class_model):
+    """With example_index (and one 'dropout' key), an example's training output is the same in
+    any batch it sits in; without it, the masks depend on the row's position (control)."""
+    model, _, perturbed, _ = class_model
+    x, t = _inputs(batch=4)
+    y = jnp.array([0, 1, 2, NUM_CLASSES])
+    index = jnp.array([10, 11, 12, 13], jnp.int32)
+
+    @_jit
+    def train(x, t, y, index):
+        rngs = {"dropout": jax.random.key(3)}
+        return model.apply(perturbed, x, t, y, train=True, example_index=index, rngs=rngs)
+
+    whole = train(x, t, y, index)
+    rows = jnp.array([2, 0])  # another batch: rows 2 and 0 (e.g. on another device)
+    part = train(x[rows], t[rows], y[rows], index[rows])
+    np.testing.assert_allclose(part, whole[rows], atol=1e-5)
+    control = _jit(
+        lambda *a: model.apply(perturbed, *a, train=True, rngs={"dropout": jax.random.key(3)})
+    )
+    assert np.abs(control(x[rows], t[rows], y[rows]) - control(x, t, y)[rows]).max() > 1e-3
+    # The index keys the masks: another index, another output.
+    assert np.abs(train(x, t, y, index + 4) - whole).max() > 1e-3
+
+
+def test_prompt_unet_forwards_example_index_to_every_dropout():
+    unet = UNet(**TINY, context_dim=8)
+    model = PromptUNet(
+        unet,
+        TextEncoder(vocab_size=5, max_length=3, width=8, depth=1, num_heads=2),
+        ((2, 3, 0), (0, 0, 0)),
+    )
+    x, t = _inputs()
+    index = jnp.array([5, 6], jnp.int32)
+    seen = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        if isinstance(context.module, Dropout) and context.method_name == "__call__":
+            seen.append(args[2] if len(args) > 2 else kwargs.get("example_index"))
+        return next_fun(*args, **kwargs)
+
+    variables = jax.eval_shape(model.init, jax.random.key(0), x, t, jnp.array([0, 1]))
+    rngs = {"dropout": jax.random.key(1)}
+    with nn.intercept_methods(interceptor):
+        jax.eval_shape(
+            lambda v: model.apply(v, x, t, jnp.array([0, 1]), True, index, rngs=rngs), variables
+        )
+        tokens = jnp.zeros((B, 3), jnp.int32)
+        call = lambda v: model.apply(v, x, t, tokens, True, index, rngs=rngs, method="from_tokens")
+        jax.eval_shape(call, variables)
+    assert len(seen) == 2 * 8 and all(s is not None and s.shape == (B,) for s in seen)

@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ddpm_jax import builders, data, images, schedules, train
+from ddpm_jax import builders, data, images, resume, schedules, train
 from ddpm_jax import config as config_lib
 from ddpm_jax.checkpoint import PreemptionGuard
 from ddpm_jax.latent import frozen_vae
@@ -73,7 +73,7 @@ def train_latent(
 
     Every image is paired with every prompt naming its class (one dataset example per pair);
     ``train.p_uncond`` drops prompts to the empty one. A re-run on the same ``workdir`` is checked
-    against the saved config first (``train.check_resume``) and resumes whichever phase was
+    against the saved config first (``resume.check_resume``) and resumes whichever phase was
     interrupted; SIGTERM in either phase saves its state and returns None.
 
     Args:
@@ -102,7 +102,7 @@ def train_latent(
     tokenizer = Tokenizer.from_prompts(prompts, max_length=c.text_max_length)
     model = builders.build_prompt_unet(config, tokenizer, prompts)
     workdir = check_workdir(workdir)
-    train.check_resume(config, workdir)  # before anything is written
+    resume.check_resume(config, workdir)  # before anything is written
     config_path = os.path.join(workdir, "config.json")
     if is_writer() and not os.path.exists(config_path):  # a re-run of the VAE phase compares too
         write_json(config_path, json.loads(config.to_json()))

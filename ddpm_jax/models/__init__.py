@@ -1,7 +1,8 @@
 """Flax networks: the DDPM UNet, the latent-diffusion autoencoder and the text encoder.
 
-A plain re-export of the names most callers need; the modules are ``ops.py`` (kernels),
-``layers.py`` (blocks), ``unet.py``, ``autoencoder.py``, ``text.py`` and ``inception.py``.
+A plain re-export of the names most callers need; the modules are ``ops.py`` (kernels, plain
+XLA or CPU-tuned by ``kernels=``), ``cpu_kernels.py`` (the CPU-tuned custom VJPs), ``layers.py``
+and ``attention.py`` (blocks), ``unet.py``, ``autoencoder.py``, ``text.py`` and ``inception.py``.
 """
 
 from ddpm_jax.models.autoencoder import AutoencoderKL

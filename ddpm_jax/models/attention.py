@@ -2,7 +2,9 @@
 latent-diffusion spatial transformer with cross-attention to a context.
 
 Parameters are float32 and computation is in ``dtype``; logits and softmax are float32
-(:func:`ddpm_jax.models.ops.attention`). ``proj_out`` of every block starts at exactly zero, so
+(:func:`ddpm_jax.models.ops.attention`); ``kernels`` (one of
+:data:`~ddpm_jax.models.ops.KERNELS`) chooses the kernel family of the normalisations and
+projections. ``proj_out`` of every block starts at exactly zero, so
 each block is the identity at initialisation (Ho et al. 2020).
 """
 
@@ -29,6 +31,7 @@ class AttnBlock(nn.Module):
       num_heads: attention heads; must divide C.
       num_groups: GroupNorm groups.
       dtype: compute dtype.
+      kernels: kernel family, one of :data:`~ddpm_jax.models.ops.KERNELS`.
 
     Call args:
       x: [B, H, W, C] features.
@@ -40,6 +43,7 @@ class AttnBlock(nn.Module):
     num_heads: int = 1
     num_groups: int = 32
     dtype: Dtype = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -49,16 +53,17 @@ class AttnBlock(nn.Module):
                 f"num_heads={self.num_heads} must divide the channel count {c} of the "
                 f"attention block '{self.name}'"
             )
-        h = GroupNorm(self.num_groups, dtype=self.dtype, name="norm")(x)
+        kn = self.kernels
+        h = GroupNorm(self.num_groups, dtype=self.dtype, kernels=kn, name="norm")(x)
         heads = (b, hh * ww, self.num_heads, c // self.num_heads)
         # q, k and v as one matmul with the three kernels side by side.
         qkv_params = [DenseParams(c, name=n)(c) for n in ("q", "k", "v")]
         kernel = jnp.concatenate([w for w, _ in qkv_params], axis=1).astype(self.dtype)
         bias = jnp.concatenate([beta for _, beta in qkv_params]).astype(self.dtype)
-        qkv = pointwise(h.astype(self.dtype), kernel) + bias
+        qkv = pointwise(h.astype(self.dtype), kernel, kn) + bias
         q, k, v = (a.reshape(heads) for a in jnp.split(qkv, 3, axis=-1))
         h = attention(q, k, v).reshape(b, hh, ww, c)
-        h = make_dense(c, "proj_out", self.dtype, kernel_init=zeros_init)(h)
+        h = make_dense(c, "proj_out", self.dtype, kernel_init=zeros_init, kernels=kn)(h)
         return x.astype(self.dtype) + h
 
 
@@ -70,6 +75,7 @@ class CrossAttention(nn.Module):
     Attributes:
       num_heads: heads; must divide the width C of ``x``.
       dtype: compute dtype.
+      kernels: kernel family, one of :data:`~ddpm_jax.models.ops.KERNELS`.
 
     Call args:
       x: [B, L, C] queries.
@@ -81,20 +87,22 @@ class CrossAttention(nn.Module):
 
     num_heads: int = 1
     dtype: Dtype = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         b, length, c = x.shape
         context = x if context is None else context
         head = c // self.num_heads
-        q = make_dense(c, "to_q", self.dtype, use_bias=False)(x)
-        k = make_dense(c, "to_k", self.dtype, use_bias=False)(context)
-        v = make_dense(c, "to_v", self.dtype, use_bias=False)(context)
+        dense = lambda name, bias=True: make_dense(c, name, self.dtype, bias, kernels=self.kernels)
+        q = dense("to_q", False)(x)
+        k = dense("to_k", False)(context)
+        v = dense("to_v", False)(context)
         q = q.reshape(b, length, self.num_heads, head)
         k = k.reshape(b, context.shape[1], self.num_heads, head)
         v = v.reshape(b, context.shape[1], self.num_heads, head)
         h = attention(q, k, v).reshape(b, length, c)
-        return make_dense(c, "to_out", self.dtype)(h)
+        return dense("to_out")(h)
 
 
 class SpatialTransformer(nn.Module):
@@ -109,6 +117,7 @@ class SpatialTransformer(nn.Module):
       num_heads: attention heads; must divide C.
       num_groups: GroupNorm groups.
       dtype: compute dtype.
+      kernels: kernel family, one of :data:`~ddpm_jax.models.ops.KERNELS`.
 
     Call args:
       x: [B, H, W, C] features.
@@ -121,6 +130,7 @@ class SpatialTransformer(nn.Module):
     num_heads: int = 1
     num_groups: int = 32
     dtype: Dtype = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -134,14 +144,16 @@ class SpatialTransformer(nn.Module):
         def layer_norm(name):
             return nn.LayerNorm(1e-5, dtype=self.dtype, param_dtype=jnp.float32, name=name)
 
-        h = GroupNorm(self.num_groups, dtype=self.dtype, name="norm")(x)
-        u = make_dense(c, "proj_in", self.dtype)(h).reshape(b, hh * ww, c)
-        attn = lambda name: CrossAttention(self.num_heads, dtype=self.dtype, name=name)
+        dt, kn = self.dtype, self.kernels
+        h = GroupNorm(self.num_groups, dtype=dt, kernels=kn, name="norm")(x)
+        u = make_dense(c, "proj_in", dt, kernels=kn)(h).reshape(b, hh * ww, c)
+        attn = lambda name: CrossAttention(self.num_heads, dt, kn, name=name)
         u = u + attn("attn1")(layer_norm("norm1")(u))
         u = u + attn("attn2")(layer_norm("norm2")(u), context.astype(self.dtype))
         value, gate = jnp.split(
-            make_dense(8 * c, "ff_in", self.dtype)(layer_norm("norm3")(u)), 2, -1
+            make_dense(8 * c, "ff_in", dt, kernels=kn)(layer_norm("norm3")(u)), 2, -1
         )
-        u = u + make_dense(c, "ff_out", self.dtype)(value * nn.gelu(gate, approximate=False))
-        h = make_dense(c, "proj_out", self.dtype, kernel_init=zeros_init)(u.reshape(b, hh, ww, c))
+        u = u + make_dense(c, "ff_out", dt, kernels=kn)(value * nn.gelu(gate, approximate=False))
+        out = make_dense(c, "proj_out", dt, kernel_init=zeros_init, kernels=kn)
+        h = out(u.reshape(b, hh, ww, c))
         return x.astype(self.dtype) + h

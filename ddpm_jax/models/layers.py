@@ -8,7 +8,9 @@ Holds the blocks (:class:`GroupNorm`, :class:`Conv` / :class:`Dense` with :func:
 :mod:`ddpm_jax.models.ops`.
 
 Every block computes in ``dtype`` (e.g. ``jnp.bfloat16``) while keeping its parameters in float32;
-normalisation statistics and attention softmax are always computed in float32.
+normalisation statistics and attention softmax are always computed in float32. Every block's
+``kernels`` attribute (one of :data:`~ddpm_jax.models.ops.KERNELS`: ``"auto"``, ``"xla"``,
+``"cpu"``) chooses the kernel family; the parameters are the same under all of them.
 
 Initialisation follows the original DDPM code (Ho et al. 2020, ``diffusion_tf/nn.py``): kernels
 are ``variance_scaling(1.0, 'fan_avg', 'uniform')``, biases zero, and the last layer of every
@@ -74,6 +76,7 @@ class GroupNorm(nn.Module):
       epsilon: added to the variance.
       swish: apply swish to the output (fused; ``swish(GroupNorm(x))``).
       dtype: dtype of the output.
+      kernels: kernel family, one of :data:`~ddpm_jax.models.ops.KERNELS`.
 
     Call args:
       x: [B, ..., C] features.
@@ -86,6 +89,7 @@ class GroupNorm(nn.Module):
     epsilon: float = 1e-6
     swish: bool = False
     dtype: Dtype = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -97,7 +101,9 @@ class GroupNorm(nn.Module):
             )
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", zeros_init, (c,), jnp.float32)
-        return group_norm(x, scale, bias, self.num_groups, self.epsilon, self.swish, self.dtype)
+        return group_norm(
+            x, scale, bias, self.num_groups, self.epsilon, self.swish, self.dtype, self.kernels
+        )
 
 
 class Conv(nn.Module):
@@ -113,6 +119,7 @@ class Conv(nn.Module):
       padding: ``"SAME"``, ``"VALID"`` or explicit ``((top, bottom), (left, right))``.
       kernel_init: kernel initialiser.
       dtype: compute dtype.
+      kernels: kernel family, one of :data:`~ddpm_jax.models.ops.KERNELS`.
 
     Call args:
       x: [B, H, W, C_in].
@@ -127,6 +134,7 @@ class Conv(nn.Module):
     padding: Any = "SAME"
     kernel_init: Any = default_init
     dtype: Dtype = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -135,12 +143,12 @@ class Conv(nn.Module):
         bias = self.param("bias", zeros_init, (self.features,))
         x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
         if k == 1 and s == 1 and self.padding in ("SAME", "VALID", ((0, 0), (0, 0))):
-            return pointwise(x, kernel[0, 0]) + bias
+            return pointwise(x, kernel[0, 0], self.kernels) + bias
         padding = self.padding
         if isinstance(padding, str):
             padding = jax.lax.padtype_to_pads(x.shape[1:3], (k, k), (s, s), padding)
         padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-        return conv2d(x, kernel, (s, s), padding) + bias
+        return conv2d(x, kernel, (s, s), padding, self.kernels) + bias
 
 
 def make_conv(
@@ -151,6 +159,7 @@ def make_conv(
     strides: int = 1,
     padding: Any = "SAME",
     kernel_init: Any = default_init,
+    kernels: str = "auto",
 ) -> Conv:
     """A square NHWC :class:`Conv` computing in ``dtype`` with float32 parameters.
 
@@ -162,8 +171,9 @@ def make_conv(
       strides: stride in H and W.
       padding: ``"SAME"`` or explicit ``((top, bottom), (left, right))``.
       kernel_init: kernel initialiser (DDPM's fan-avg uniform by default; zeros for last layers).
+      kernels: kernel family, one of :data:`~ddpm_jax.models.ops.KERNELS`.
     """
-    return Conv(features, kernel, strides, padding, kernel_init, dtype, name=name)
+    return Conv(features, kernel, strides, padding, kernel_init, dtype, kernels, name=name)
 
 
 class DenseParams(nn.Module):
@@ -190,6 +200,7 @@ class Dense(nn.Module):
       use_bias: whether to add a bias.
       kernel_init: kernel initialiser.
       dtype: compute dtype.
+      kernels: kernel family, one of :data:`~ddpm_jax.models.ops.KERNELS`.
 
     Call args:
       x: [..., C_in].
@@ -202,18 +213,24 @@ class Dense(nn.Module):
     use_bias: bool = True
     kernel_init: Any = default_init
     dtype: Dtype = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
-        y = pointwise(x.astype(self.dtype), kernel.astype(self.dtype))
+        y = pointwise(x.astype(self.dtype), kernel.astype(self.dtype), self.kernels)
         if not self.use_bias:
             return y
         return y + self.param("bias", zeros_init, (self.features,)).astype(self.dtype)
 
 
 def make_dense(
-    features: int, name: str, dtype: Dtype, use_bias: bool = True, kernel_init: Any = default_init
+    features: int,
+    name: str,
+    dtype: Dtype,
+    use_bias: bool = True,
+    kernel_init: Any = default_init,
+    kernels: str = "auto",
 ) -> Dense:
     """A :class:`Dense` layer on the last axis computing in ``dtype`` with float32 parameters.
 
@@ -223,32 +240,44 @@ def make_dense(
       dtype: compute dtype.
       use_bias: whether to add a bias.
       kernel_init: kernel initialiser (DDPM's fan-avg uniform by default; zeros for last layers).
+      kernels: kernel family, one of :data:`~ddpm_jax.models.ops.KERNELS`.
     """
-    return Dense(features, use_bias, kernel_init, dtype, name=name)
+    return Dense(features, use_bias, kernel_init, dtype, kernels, name=name)
 
 
 class Dropout(nn.Module):
     """``flax.linen.Dropout`` with the same masks (given the same 'dropout' rng) and results,
-    computed by :func:`ddpm_jax.models.ops.dropout` (random bits that XLA's CPU backend fuses).
+    computed by :func:`ddpm_jax.models.ops.dropout`; or, given ``example_index``, masks keyed by
+    each row's position in the global batch.
 
     Attributes:
       rate: probability of zeroing an element, in [0, 1).
+      kernels: kernel family, one of :data:`~ddpm_jax.models.ops.KERNELS` (the same masks under
+        all of them).
 
     Call args:
-      x: any shape.
+      x: [B, ...] features.
       deterministic: when True, return ``x`` unchanged.
+      example_index: optional int32 [B], each row's position in the global batch: row ``b``'s
+        mask then depends only on the 'dropout' rng and ``example_index[b]``
+        (:func:`ddpm_jax.models.ops.random_bits`), not on the rest of the batch. None: the masks
+        of ``flax.linen.Dropout``.
 
     Returns:
       ``x / (1 - rate)`` where kept, 0 elsewhere (same shape and dtype as ``x``).
     """
 
     rate: float
+    kernels: str = "auto"
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, deterministic: bool, example_index: jax.Array | None = None
+    ) -> jax.Array:
         if deterministic or self.rate == 0.0:
             return x
-        return dropout(x, self.make_rng("dropout"), self.rate)
+        key = self.make_rng("dropout")
+        return dropout(x, key, self.rate, example_index, self.kernels)
 
 
 class ResBlock(nn.Module):
@@ -267,11 +296,14 @@ class ResBlock(nn.Module):
       conditioning: one of :data:`RESBLOCK_CONDITIONINGS`: ``'additive'`` or
         ``'scale_shift'``.
       dtype: compute dtype.
+      kernels: kernel family, one of :data:`~ddpm_jax.models.ops.KERNELS`.
 
     Call args:
       x: [B, H, W, C_in] features.
       temb: [B, E] conditioning embedding (time plus class), before the swish.
       train: dropout is active only when True (uses the 'dropout' rng).
+      example_index: optional int32 [B] global batch positions keying the dropout masks
+        (see :class:`Dropout`).
 
     Returns:
       [B, H, W, out_ch] features.
@@ -282,31 +314,41 @@ class ResBlock(nn.Module):
     num_groups: int = 32
     conditioning: str = "additive"
     dtype: Dtype = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        temb: jax.Array,
+        train: bool = False,
+        example_index: jax.Array | None = None,
+    ) -> jax.Array:
         if self.conditioning not in RESBLOCK_CONDITIONINGS:
             raise ValueError(
                 f"ResBlock: conditioning must be one of {RESBLOCK_CONDITIONINGS}, "
                 f"got {self.conditioning!r}"
             )
         out_ch = self.out_ch or x.shape[-1]
-        h = GroupNorm(self.num_groups, swish=True, dtype=self.dtype, name="norm1")(x)
-        h = make_conv(out_ch, "conv1", self.dtype)(h)
+        dt, kn = self.dtype, self.kernels
+        norm = lambda name, swish: GroupNorm(
+            self.num_groups, swish=swish, dtype=dt, kernels=kn, name=name
+        )
+        h = norm("norm1", True)(x)
+        h = make_conv(out_ch, "conv1", dt, kernels=kn)(h)
         emb_ch = 2 * out_ch if self.conditioning == "scale_shift" else out_ch
-        emb = make_dense(emb_ch, "temb_proj", self.dtype)(nn.swish(temb))[:, None, None, :]
+        emb = make_dense(emb_ch, "temb_proj", dt, kernels=kn)(nn.swish(temb))[:, None, None, :]
         if self.conditioning == "scale_shift":
             scale, shift = jnp.split(emb, 2, axis=-1)
-            h = GroupNorm(self.num_groups, dtype=self.dtype, name="norm2")(h)
-            h = nn.swish(h * (1 + scale) + shift)
+            h = nn.swish(norm("norm2", False)(h) * (1 + scale) + shift)
         else:
-            h = GroupNorm(self.num_groups, swish=True, dtype=self.dtype, name="norm2")(h + emb)
+            h = norm("norm2", True)(h + emb)
         if self.dropout > 0:
-            h = Dropout(self.dropout)(h, deterministic=not train)
-        h = make_conv(out_ch, "conv2", self.dtype, kernel_init=zeros_init)(h)
+            h = Dropout(self.dropout, kn)(h, not train, example_index)
+        h = make_conv(out_ch, "conv2", dt, kernel_init=zeros_init, kernels=kn)(h)
         if x.shape[-1] != out_ch:
-            x = make_conv(out_ch, "shortcut", self.dtype, kernel=1)(x)
-        return x.astype(self.dtype) + h
+            x = make_conv(out_ch, "shortcut", dt, kernel=1, kernels=kn)(x)
+        return x.astype(dt) + h
 
 
 class Downsample(nn.Module):
@@ -314,6 +356,7 @@ class Downsample(nn.Module):
 
     Attributes:
       dtype: compute dtype.
+      kernels: kernel family, one of :data:`~ddpm_jax.models.ops.KERNELS`.
 
     Call args:
       x: [B, H, W, C] features, H and W even.
@@ -323,10 +366,12 @@ class Downsample(nn.Module):
     """
 
     dtype: Dtype = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        conv = make_conv(x.shape[-1], "conv", self.dtype, strides=2, padding=((0, 1), (0, 1)))
+        pad = ((0, 1), (0, 1))
+        conv = make_conv(x.shape[-1], "conv", self.dtype, 3, 2, pad, kernels=self.kernels)
         return conv(x)
 
 
@@ -336,22 +381,25 @@ class _UpsampleConv(nn.Module):
 
     features: int
     dtype: Dtype = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", default_init, (3, 3, x.shape[-1], self.features))
         bias = self.param("bias", zeros_init, (self.features,))
         x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
-        return upsample_conv(x, kernel) + bias
+        return upsample_conv(x, kernel, self.kernels) + bias
 
 
 class Upsample(nn.Module):
     """Doubles H and W by nearest-neighbour repetition followed by a 3x3 convolution.
 
-    Computed without forming the upsampled image (:func:`upsample_conv`).
+    The ``"cpu"`` kernels compute it without forming the upsampled image
+    (:func:`ddpm_jax.models.cpu_kernels.upsample_conv`).
 
     Attributes:
       dtype: compute dtype.
+      kernels: kernel family, one of :data:`~ddpm_jax.models.ops.KERNELS`.
 
     Call args:
       x: [B, H, W, C] features.
@@ -361,7 +409,8 @@ class Upsample(nn.Module):
     """
 
     dtype: Dtype = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return _UpsampleConv(x.shape[-1], self.dtype, name="conv")(x)
+        return _UpsampleConv(x.shape[-1], self.dtype, self.kernels, name="conv")(x)

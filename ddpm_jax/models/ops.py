@@ -1,179 +1,119 @@
 """Kernels of the networks: functions on arrays, no Flax modules and no parameters.
 
-Each kernel equals a JAX primitive or a ``flax.linen`` computation (same results, same gradients)
-but is written so that XLA's CPU backend compiles it well: the custom VJPs spell out gradients as
-convolutions and matmuls in the forward layout, and the threefry bits fuse into their consumer.
+Every kernel comes in two families with the same results (up to float rounding), chosen by its
+``kernels`` argument, one of :data:`KERNELS`:
 
-- :func:`conv2d`: NHWC / HWIO convolution with a custom VJP.
-- :func:`pointwise`: a matmul over the last axis (a 1x1 convolution) with a custom VJP.
-- :func:`upsample_conv`: nearest-neighbour 2x upsampling then a 3x3 convolution, computed at the
-  input resolution.
-- :func:`group_norm`: group normalisation (optionally fused with swish), float32 statistics,
-  custom VJP.
-- :func:`attention`: multi-head scaled dot-product attention.
-- :func:`random_bits`: ``jax.random.bits`` for threefry keys as one fusible computation, and
-  :func:`dropout`: the masks of ``flax.linen.Dropout`` drawn from it.
+- ``"xla"``: plain ``jax.lax`` / ``jax.numpy`` ops differentiated by JAX itself (forward and
+  reverse mode: ``jax.jvp``, ``jax.jacfwd``, ``jax.grad``), and dropout bits from JAX's own
+  threefry primitive. What GPUs and TPUs compile best.
+- ``"cpu"``: the kernels of :mod:`ddpm_jax.models.cpu_kernels`, tuned for XLA's CPU backend
+  (custom VJPs, so reverse mode only; fused threefry bits).
+- ``"auto"``: ``"cpu"`` when ``jax.default_backend()`` is the CPU at trace time, else ``"xla"``.
+
+Kernels: :func:`conv2d`, :func:`pointwise` (1x1 convolution / dense layer),
+:func:`upsample_conv`, :func:`group_norm` (optionally fused with swish), :func:`attention`,
+:func:`random_bits` and :func:`dropout`. Dropout masks are ``flax.linen.Dropout``'s for the same
+key, or, given each row's index in the global batch, a function of (key, index) alone
+(:func:`random_bits`), so that splitting a batch over devices does not change them.
 
 The Flax blocks that own the parameters and call these kernels are in
-:mod:`ddpm_jax.models.layers`.
+:mod:`ddpm_jax.models.layers` and :mod:`ddpm_jax.models.attention`.
 """
 
-import functools
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.extend.random import threefry2x32_p
+
+from ddpm_jax.models import cpu_kernels
 
 Dtype = Any
 
+# The kernel families (the ``kernels`` attribute of every block and of the UNet).
+KERNELS = ("auto", "xla", "cpu")
 
 _CONV_DIMS = ("NHWC", "HWIO", "NHWC")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def resolve_kernels(kernels: str) -> str:
+    """The family that ``kernels`` selects now: ``"xla"`` or ``"cpu"``.
+
+    Args:
+      kernels: one of :data:`KERNELS`; ``"auto"`` is ``"cpu"`` when ``jax.default_backend()`` is
+        ``"cpu"`` (decided when the calling function is traced) and ``"xla"`` otherwise.
+
+    Raises:
+      ValueError: ``kernels`` is not one of :data:`KERNELS`.
+    """
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    if kernels == "auto":
+        return "cpu" if jax.default_backend() == "cpu" else "xla"
+    return kernels
+
+
 def conv2d(
     x: jax.Array,
     kernel: jax.Array,
     strides: tuple[int, int],
     padding: tuple[tuple[int, int], tuple[int, int]],
+    kernels: str = "auto",
 ) -> jax.Array:
-    """``lax.conv_general_dilated`` (NHWC, HWIO) whose gradients are plain convolutions too.
-
-    Equal to ``jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=
-    ("NHWC", "HWIO", "NHWC"))`` with the same gradients, but the backward pass spells out the
-    input gradient as a stride-1 convolution with the flipped kernel and the kernel gradient as
-    a convolution of transposed operands, both in the forward ``NHWC / HWIO`` layout. XLA's CPU
-    backend only rewrites autodiff's convolutions (other dimension orders) into that layout
-    outside loops: inside a ``lax.scan`` (several training steps per call) it emitted them as
-    naive loops, 10-100x slower.
+    """``lax.conv_general_dilated`` in the NHWC / HWIO layout.
 
     Args:
       x: [B, H, W, C_in] input.
       kernel: [KH, KW, C_in, C_out].
       strides: (SH, SW).
       padding: ((top, bottom), (left, right)) explicit zero padding.
+      kernels: one of :data:`KERNELS` (``"cpu"``: :func:`cpu_kernels.conv2d`).
 
     Returns:
       [B, H', W', C_out].
     """
+    if resolve_kernels(kernels) == "cpu":
+        return cpu_kernels.conv2d(x, kernel, strides, padding)
     return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_CONV_DIMS)
 
 
-def _conv2d_fwd(x, kernel, strides, padding):
-    return conv2d(x, kernel, strides, padding), (x, kernel)
-
-
-def _conv2d_bwd(strides, padding, residuals, dy):
-    x, kernel = residuals
-    ksize, in_size, out_size = kernel.shape[:2], x.shape[1:3], dy.shape[1:3]
-    # dx: stride-1 convolution of dy, dilated by the strides, with the flipped kernel (in <-> out).
-    flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
-    pads = [
-        (k - 1 - lo, n + lo - (m - 1) * s - 1)
-        for n, m, k, s, (lo, _) in zip(in_size, out_size, ksize, strides, padding, strict=True)
-    ]
-    dx = jax.lax.conv_general_dilated(
-        dy, flipped, (1, 1), pads, lhs_dilation=strides, dimension_numbers=_CONV_DIMS
-    )
-    # dkernel[kh, kw, i, o] = sum_{b, y, x} x_pad[b, s*y + kh, s*x + kw, i] dy[b, y, x, o]: a
-    # convolution with batch C_in, features B and the (stride-dilated) dy as the kernel.
-    dk = jax.lax.conv_general_dilated(
-        jnp.transpose(x, (3, 1, 2, 0)),  # [C_in, H, W, B]
-        jnp.transpose(dy, (1, 2, 0, 3)),  # [H', W', B, C_out]
-        (1, 1),
-        padding,
-        rhs_dilation=strides,
-        dimension_numbers=_CONV_DIMS,
-    )  # [C_in, >= KH, >= KW, C_out]
-    dk = jnp.transpose(dk[:, : ksize[0], : ksize[1]], (1, 2, 0, 3))
-    return dx, dk.astype(kernel.dtype)
-
-
-conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
-
-
-@jax.custom_vjp
-def pointwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """``x @ kernel`` over the last axis (a 1x1 convolution), with the kernel gradient computed
-    as ``(dy^T x)^T``: the orientation in which XLA's CPU matmul reads both [N, C] operands in
-    place (``x^T dy`` made XLA write ``dy`` transposed first).
+def pointwise(x: jax.Array, kernel: jax.Array, kernels: str = "auto") -> jax.Array:
+    """``x @ kernel`` over the last axis (a 1x1 convolution or a dense layer).
 
     Args:
       x: [..., C_in].
       kernel: [C_in, C_out].
+      kernels: one of :data:`KERNELS` (``"cpu"``: :func:`cpu_kernels.pointwise`).
 
     Returns:
       [..., C_out].
     """
+    if resolve_kernels(kernels) == "cpu":
+        return cpu_kernels.pointwise(x, kernel)
     return jnp.dot(x, kernel)
 
 
-def _pointwise_fwd(x, kernel):
-    return jnp.dot(x, kernel), (x, kernel)
-
-
-def _pointwise_bwd(residuals, dy):
-    x, kernel = residuals
-    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-    dk_t = jax.lax.dot_general(dy2, x2, (((0,), (0,)), ((), ())))  # [C_out, C_in]
-    return jnp.dot(dy, kernel.T), dk_t.T.astype(kernel.dtype)
-
-
-pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
-
-
-def upsample_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """``conv3x3_same(nearest_upsample_2x(x), kernel)`` computed at the input resolution.
-
-    Output pixel ``(2i + a, 2j + b)`` of the upsampled image sees only 2 x 2 distinct input
-    pixels through the 3 x 3 kernel, so each of the four phases ``(a, b)`` is a 2 x 2
-    convolution of ``x`` with summed kernel taps: 4/9 of the multiply-adds of convolving the
-    upsampled image, and no upsampled copy of ``x``. Equal to the direct form up to float
-    rounding.
+def upsample_conv(x: jax.Array, kernel: jax.Array, kernels: str = "auto") -> jax.Array:
+    """``conv3x3_same(nearest_upsample_2x(x), kernel)``.
 
     Args:
       x: [B, H, W, C_in].
       kernel: [3, 3, C_in, C_out].
+      kernels: one of :data:`KERNELS` (``"cpu"``: :func:`cpu_kernels.upsample_conv`, four 2x2
+        convolutions at the input resolution).
 
     Returns:
       [B, 2H, 2W, C_out].
     """
-
-    def fold(w, axis, phase):  # 3 taps -> the 2 that phase (0 or 1) applies to distinct pixels
-        w0, w1, w2 = (jax.lax.index_in_dim(w, i, axis) for i in range(3))
-        return jnp.concatenate([w0, w1 + w2] if phase == 0 else [w0 + w1, w2], axis=axis)
-
-    rows = []
-    for a in (0, 1):
-        ka = fold(kernel, 0, a)
-        cols = []
-        for b in (0, 1):
-            cols.append(conv2d(x, fold(ka, 1, b), (1, 1), ((1 - a, a), (1 - b, b))))
-        rows.append(jnp.stack(cols, axis=3))  # [B, H, W, 2 (b), C_out]
-    y = jnp.stack(rows, axis=2)  # [B, H, 2 (a), W, 2 (b), C_out]
-    bsz, h, _, w, _, c = y.shape
-    return y.reshape(bsz, 2 * h, 2 * w, c)
+    if resolve_kernels(kernels) == "cpu":
+        return cpu_kernels.upsample_conv(x, kernel)
+    up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return jax.lax.conv_general_dilated(
+        up, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_CONV_DIMS
+    )
 
 
-def _group_moments(x3: jax.Array, num_groups: int, epsilon: float):
-    """Per-channel mean and 1 / std of each group of ``x3: [B, N, C]`` (float32), as [B, C]."""
-    b, n, c = x3.shape
-    d = c // num_groups
-
-    def group_mean(per_channel_sum):  # [B, C] sums over N -> [B, C] means over the group
-        return jnp.repeat(per_channel_sum.reshape(b, num_groups, d).sum(-1), d, axis=-1) / (n * d)
-
-    # Two passes (the mean, then the mean squared deviation from it): exact where
-    # E[x^2] - E[x]^2 cancels (|mean| >> std). Sums run per channel over N first: XLA's CPU
-    # reductions over a group's two axes at once were 10x slower.
-    mean = group_mean(jnp.sum(x3, axis=1))
-    centred = x3 - mean[:, None]
-    var = group_mean(jnp.sum(centred * centred, axis=1))
-    return mean, jax.lax.rsqrt(var + epsilon)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def group_norm(
     x: jax.Array,
     scale: jax.Array,
@@ -182,14 +122,13 @@ def group_norm(
     epsilon: float = 1e-6,
     swish: bool = False,
     dtype: Dtype = jnp.float32,
+    kernels: str = "auto",
 ) -> jax.Array:
     """Group normalisation with per-channel affine map, optionally followed by swish.
 
     ``y = (x - mean_g) / sqrt(var_g + epsilon) * scale + bias`` (then ``y * sigmoid(y)`` with
     ``swish``), statistics over all non-batch positions of each group of ``C / num_groups``
-    channels, computed in float32. The gradient is written out by hand (two passes over ``x``
-    and ``dy``; the residuals are ``x`` and [B, C] statistics), which XLA runs several times
-    faster than the autodiff of the same expression.
+    channels, computed in float32 (two passes: the mean, then the mean squared deviation).
 
     Args:
       x: [B, ..., C] features.
@@ -199,56 +138,26 @@ def group_norm(
       epsilon: added to the variance.
       swish: apply ``y * sigmoid(y)`` to the result.
       dtype: output dtype.
+      kernels: one of :data:`KERNELS` (``"cpu"``: :func:`cpu_kernels.group_norm`, a hand-written
+        gradient).
 
     Returns:
       [B, ..., C] in ``dtype``.
     """
-    return _group_norm_fwd(x, scale, bias, num_groups, epsilon, swish, dtype)[0]
-
-
-def _group_norm_fwd(x, scale, bias, num_groups, epsilon, swish, dtype):
-    x3 = x.reshape(x.shape[0], -1, x.shape[-1]).astype(jnp.float32)
-    mean, rstd = _group_moments(x3, num_groups, epsilon)
-    a = rstd * scale  # y = x * a + (bias - mean * a): one affine map per example and channel
-    y = x3 * a[:, None] + (bias - mean * a)[:, None]
+    if resolve_kernels(kernels) == "cpu":
+        return cpu_kernels.group_norm(x, scale, bias, num_groups, epsilon, swish, dtype)
+    c = x.shape[-1]
+    xg = x.reshape(x.shape[0], -1, num_groups, c // num_groups).astype(jnp.float32)
+    mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
+    var = jnp.mean(jnp.square(xg - mean), axis=(1, 3), keepdims=True)
+    y = ((xg - mean) * jax.lax.rsqrt(var + epsilon)).reshape(x.shape) * scale + bias
     if swish:
-        # Ending in a division (an "expensive" op to XLA) keeps XLA from recomputing the whole
-        # normalisation inside each consumer (e.g. the transposes of the convolution's backward
-        # pass, which would then evaluate it element by element in transposed order).
-        y = y / (1.0 + jnp.exp(-y))
-    return y.reshape(x.shape).astype(dtype), (x, scale, bias, mean, rstd)
-
-
-def _group_norm_bwd(num_groups, epsilon, swish, dtype, residuals, dy):
-    x, scale, bias, mean, rstd = residuals
-    b, c = x.shape[0], x.shape[-1]
-    x3 = x.reshape(b, -1, c).astype(jnp.float32)
-    dz = dy.reshape(x3.shape).astype(jnp.float32)
-    xhat = (x3 - mean[:, None]) * rstd[:, None]
-    if swish:  # d/dz [z sigmoid(z)] = s (1 + z (1 - s))
-        z = xhat * scale + bias
-        s = jax.nn.sigmoid(z)
-        dz = dz * (s * (1.0 + z * (1.0 - s)))
-    s1 = jnp.sum(dz, axis=1)  # [B, C]
-    s2 = jnp.sum(dz * xhat, axis=1)
-    d = c // num_groups
-    n = x3.shape[1] * d
-
-    def group_mean(v):  # [B, C] -> mean over each group's channels, per channel, / n
-        return jnp.repeat(v.reshape(b, num_groups, d).sum(-1), d, axis=-1) / n
-
-    mean_dxhat, mean_dxhat_xhat = group_mean(s1 * scale), group_mean(s2 * scale)
-    dx = (rstd * scale)[:, None] * dz - rstd[:, None] * (
-        mean_dxhat[:, None] + xhat * mean_dxhat_xhat[:, None]
-    )
-    return dx.reshape(x.shape).astype(x.dtype), jnp.sum(s2, 0), jnp.sum(s1, 0)
-
-
-group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+        y = y * jax.nn.sigmoid(y)
+    return y.astype(dtype)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Multi-head scaled dot-product attention, logits and softmax in float32.
+    """Multi-head scaled dot-product attention (plain XLA in both kernel families).
 
     Args:
       q: [B, Lq, N, D] queries (N heads of width D).
@@ -261,70 +170,103 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return jax.nn.dot_product_attention(q, k, v)
 
 
-_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+def random_bits(
+    key: jax.Array,
+    shape: tuple[int, ...],
+    example_index: jax.Array | None = None,
+    kernels: str = "auto",
+) -> jax.Array:
+    """Random uint32 bits: ``jax.random.bits(key, shape)``, or keyed by each row's global index.
 
-
-def _threefry2x32(key: jax.Array, x1: jax.Array, x2: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Threefry-2x32 (20 rounds, Salmon et al. 2011) of the counters ``(x1, x2)`` under ``key``
-    ([2] uint32), written out with plain integer ops so that XLA fuses it into its consumer.
-    Bit-identical to ``jax.extend.random.threefry_2x32``, whose CPU lowering is a rolled loop of
-    whole-array passes (an order of magnitude slower for dropout masks)."""
-    k1, k2 = key[0], key[1]
-    ks = (k1, k2, k1 ^ k2 ^ jnp.uint32(0x1BD11BDA))
-    x1, x2 = x1 + ks[0], x2 + ks[1]
-    for i in range(5):
-        for r in _THREEFRY_ROTATIONS[i % 2]:
-            x1 = x1 + x2
-            x2 = x1 ^ ((x2 << jnp.uint32(r)) | (x2 >> jnp.uint32(32 - r)))
-        x1 = x1 + ks[(i + 1) % 3]
-        x2 = x2 + ks[(i + 2) % 3] + jnp.uint32(i + 1)
-    return x1, x2
-
-
-def random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """``jax.random.bits(key, shape)`` (uint32) for a threefry key, as one fusible computation.
-
-    Equal bit for bit to ``jax.random.bits`` with ``jax_threefry_partitionable`` on (the default
-    since JAX 0.5), where element ``i`` (flat index) is ``xor`` of the two words of
-    ``threefry2x32(key, (0, i))``. Other key implementations, the non-partitionable mode and
-    arrays of 2**32 or more elements fall back to ``jax.random.bits``.
+    - ``example_index=None``: ``jax.random.bits(key, shape)`` bit for bit. The ``"cpu"`` family
+      computes it as one fusible expression for threefry keys in the partitionable mode (the
+      default since JAX 0.5: element ``i``, flat index, is the ``xor`` of the two words of
+      ``threefry2x32(key, (0, i))``); other keys, the non-partitionable mode and arrays of 2**32
+      or more elements call ``jax.random.bits``.
+    - ``example_index`` given (row ``b`` is example ``example_index[b]`` of the global batch):
+      element ``e`` (flat index within its row) of row ``b`` is the ``xor`` of the two words of
+      ``threefry2x32(key, (example_index[b], e))``, whatever the partitionable mode, in both
+      families (``"xla"``: JAX's ``threefry2x32_p``; ``"cpu"``: the fused
+      :func:`cpu_kernels.threefry2x32`). A row's bits depend only on the key and its index, so
+      the same key on every device gives every example the same bits however the batch is
+      split. Non-threefry keys (and rows of 2**32 or more elements) use
+      ``jax.random.bits(fold_in(key, example_index[b]), shape[1:])`` per row instead.
 
     Args:
       key: a typed PRNG key or a raw uint32 [2] key (of the default implementation).
-      shape: output shape.
+      shape: output shape, [B, ...] when ``example_index`` is given.
+      example_index: optional int32 [B] non-negative global row indices.
+      kernels: one of :data:`KERNELS`.
 
     Returns:
       uint32 array of ``shape``.
     """
+    family = resolve_kernels(kernels)
     if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.wrap_key_data(key)
-    impl = jax.random.key_impl(key)
-    size = math.prod(shape)
-    if "threefry" not in str(impl) or not jax.config.jax_threefry_partitionable or size >= 2**32:
-        return jax.random.bits(key, shape)
-    counts = jax.lax.iota(jnp.uint32, size).reshape(shape)
-    bits1, bits2 = _threefry2x32(jax.random.key_data(key), jnp.zeros_like(counts), counts)
+    threefry = "threefry" in str(jax.random.key_impl(key))
+    if example_index is None:
+        size = math.prod(shape)
+        partitionable = jax.config.jax_threefry_partitionable
+        if family == "xla" or not threefry or not partitionable or size >= 2**32:
+            return jax.random.bits(key, shape)
+        counts = jax.lax.iota(jnp.uint32, size).reshape(shape)
+        bits1, bits2 = cpu_kernels.threefry2x32(
+            jax.random.key_data(key), jnp.zeros_like(counts), counts
+        )
+        return bits1 ^ bits2
+    example_index = jnp.asarray(example_index)
+    if len(shape) < 1 or example_index.shape != shape[:1]:
+        raise ValueError(
+            f"random_bits: example_index must have shape [B] = {shape[:1]}, got "
+            f"{example_index.shape}"
+        )
+    if not jnp.issubdtype(example_index.dtype, jnp.integer):
+        raise ValueError(f"random_bits: example_index must be integer, got {example_index.dtype}")
+    row_size = math.prod(shape[1:])
+    if not threefry or row_size >= 2**32:
+        # lax.map, not vmap: a batched rng_bit_generator (the "rbg" keys) draws other bits.
+        row_bits = lambda i: jax.random.bits(jax.random.fold_in(key, i), shape[1:])
+        return jax.lax.map(row_bits, example_index)
+    rows = example_index.astype(jnp.uint32).reshape((-1,) + (1,) * (len(shape) - 1))
+    rows = jnp.broadcast_to(rows, shape)
+    counts = jnp.broadcast_to(jax.lax.iota(jnp.uint32, row_size).reshape(shape[1:]), shape)
+    data = jax.random.key_data(key)
+    if family == "cpu":
+        bits1, bits2 = cpu_kernels.threefry2x32(data, rows, counts)
+    else:
+        bits1, bits2 = threefry2x32_p.bind(data[0], data[1], rows, counts)
     return bits1 ^ bits2
 
 
-def dropout(x: jax.Array, key: jax.Array, rate: float) -> jax.Array:
-    """Inverted dropout with the mask of ``flax.linen.Dropout(rate)`` for the same key.
+def dropout(
+    x: jax.Array,
+    key: jax.Array,
+    rate: float,
+    example_index: jax.Array | None = None,
+    kernels: str = "auto",
+) -> jax.Array:
+    """Inverted dropout; with ``example_index=None`` the mask of ``flax.linen.Dropout(rate)``.
 
-    The mask is ``jax.random.bernoulli(key, 1 - rate, x.shape)`` bit for bit, its random bits
-    drawn by :func:`random_bits` instead of the rolled-loop threefry of XLA's CPU backend (which
-    made dropout ~12% of the CIFAR-10 UNet's training step on CPU).
+    The mask keeps element ``i`` where the uniform float of its bits (:func:`random_bits`, the top
+    23 bits as ``jax.random.uniform`` maps them) is below ``1 - rate``: with
+    ``example_index=None`` that is ``jax.random.bernoulli(key, 1 - rate, x.shape)`` bit for bit;
+    with ``example_index`` each row's mask depends only on ``key`` and the row's global index.
+    The ``"cpu"`` family draws the bits with the fused threefry (the rolled-loop threefry of
+    XLA's CPU backend made dropout ~12% of the CIFAR-10 UNet's training step on CPU).
 
     Args:
-      x: any shape.
+      x: [B, ...] (any shape when ``example_index`` is None).
       key: a typed PRNG key or a raw uint32 [2] key.
       rate: probability of zeroing an element, a Python float in [0, 1).
+      example_index: optional int32 [B], each row's position in the global batch.
+      kernels: one of :data:`KERNELS`.
 
     Returns:
       ``x / (1 - rate)`` where kept, 0 elsewhere (same shape and dtype as ``x``).
     """
     keep_prob = 1.0 - rate
-    bits = random_bits(key, x.shape)
-    # jax.random.bernoulli(key, keep_prob): uniform floats in [0, 1) from the top 23 bits.
+    bits = random_bits(key, x.shape, example_index, kernels)
     one = jnp.uint32(0x3F800000)  # the bits of float32 1.0
     uniform = jax.lax.bitcast_convert_type((bits >> jnp.uint32(9)) | one, jnp.float32) - 1.0
     keep = uniform < jnp.float32(keep_prob)

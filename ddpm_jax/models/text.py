@@ -264,12 +264,14 @@ class PromptUNet(nn.Module):
         be all ``PAD_ID`` (the empty prompt = the null condition). Build it with
         :func:`prompt_table`.
 
-    Call args (``apply(variables, x, t, y, train=False, rngs=...)``, the UNet's interface with a
-    prompt id in place of a class label):
+    Call args (``apply(variables, x, t, y, train=False, example_index=None, rngs=...)``, the
+    UNet's interface with a prompt id in place of a class label):
       x: [B, h, w, c] float32 latents.
       t: [B] int32 timesteps in [0, T).
       y: [B] int32 prompt ids in [0, P]; P (= ``null_label``) is the empty prompt.
       train: enables the UNet's dropout.
+      example_index: optional int32 [B] global batch positions keying the UNet's dropout masks
+        (see :class:`~ddpm_jax.models.unet.UNet`).
 
     Returns:
       [B, h, w, c] float32 prediction.
@@ -310,10 +312,24 @@ class PromptUNet(nn.Module):
         return jnp.asarray(np.asarray(self.prompt_tokens, np.int32))[y]
 
     def from_tokens(
-        self, x: jax.Array, t: jax.Array, tokens: jax.Array, train: bool = False
+        self,
+        x: jax.Array,
+        t: jax.Array,
+        tokens: jax.Array,
+        train: bool = False,
+        example_index: jax.Array | None = None,
     ) -> jax.Array:
         """The prediction for arbitrary prompts given as tokens [B, L] (all PAD_ID = null)."""
-        return self.unet(x, t, context=self.text(tokens), train=train)
+        context = self.text(tokens)
+        return self.unet(x, t, context=context, train=train, example_index=example_index)
 
-    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, train: bool = False) -> jax.Array:
-        return self.from_tokens(x, t, self.tokens_of(jnp.asarray(y, jnp.int32)), train)
+    def __call__(
+        self,
+        x: jax.Array,
+        t: jax.Array,
+        y: jax.Array,
+        train: bool = False,
+        example_index: jax.Array | None = None,
+    ) -> jax.Array:
+        tokens = self.tokens_of(jnp.asarray(y, jnp.int32))
+        return self.from_tokens(x, t, tokens, train, example_index)

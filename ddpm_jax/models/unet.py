@@ -40,6 +40,7 @@ from ddpm_jax.models.layers import (
     make_dense,
     timestep_embedding,
 )
+from ddpm_jax.models.ops import KERNELS
 
 Dtype = Any
 
@@ -71,8 +72,14 @@ class UNet(nn.Module):
         ``'additive'`` (DDPM) or ``'scale_shift'`` (improved-diffusion FiLM).
       dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters are always float32 and the output
         is returned as float32.
+      kernels: kernel family of every block, one of :data:`~ddpm_jax.models.ops.KERNELS`:
+        ``"xla"`` (plain XLA ops, JAX's autodiff in forward and reverse mode: ``jax.jvp`` and
+        ``jax.jacfwd`` work), ``"cpu"`` (the CPU-tuned custom VJPs, reverse mode only) or
+        ``"auto"`` (``"cpu"`` on a CPU backend, else ``"xla"``). Parameters and results are the
+        same under all three, so checkpoints move freely between them.
 
-    Call args (``model.apply(variables, x, t, y=None, context=None, train=False, rngs=...)``):
+    Call args (``model.apply(variables, x, t, y=None, context=None, train=False,
+    example_index=None, rngs=...)``):
       x: [B, H, W, C] float images (or latents), NHWC; with bound parameters C must equal the
         input channels of ``conv_in``.
       t: [B] int32 timesteps in [0, T) (float accepted, e.g. continuous time scaled to [0, T));
@@ -81,6 +88,10 @@ class UNet(nn.Module):
         ``jnp.full((B,), num_classes)`` for the null label.
       context: [B, M, context_dim] float sequence, required iff ``context_dim`` is set.
       train: enables dropout (needs ``rngs={'dropout': key}`` when ``dropout > 0``).
+      example_index: optional int32 [B], each row's position in the global batch. With it, the
+        dropout mask of row ``b`` depends only on the 'dropout' key and ``example_index[b]``
+        (:func:`ddpm_jax.models.ops.random_bits`): the same key on every device gives every
+        example the same masks however the batch is split. None: ``flax.linen.Dropout``'s masks.
 
     Returns:
       [B, H, W, out_channels] float32 prediction.
@@ -98,6 +109,7 @@ class UNet(nn.Module):
     num_groups: int = 32
     resblock_conditioning: str = "additive"
     dtype: Dtype = jnp.float32
+    kernels: str = "auto"
 
     @property
     def null_label(self) -> int | None:
@@ -139,6 +151,8 @@ class UNet(nn.Module):
                 f"UNet: resblock_conditioning must be one of {RESBLOCK_CONDITIONINGS}, "
                 f"got {self.resblock_conditioning!r}"
             )
+        if self.kernels not in KERNELS:
+            raise ValueError(f"UNet: kernels must be one of {KERNELS}, got {self.kernels!r}")
         widths = sorted({self.ch, *(self.ch * m for m in self.ch_mult)})
         bad = [w for w in widths if w % self.num_groups != 0]
         if bad:
@@ -147,7 +161,7 @@ class UNet(nn.Module):
                 f"(ch={self.ch} and ch * ch_mult = {widths}); it does not divide {bad}"
             )
 
-    def _validate_inputs(self, x, t, y, context):
+    def _validate_inputs(self, x, t, y, context, example_index):
         if x.ndim != 4:
             raise ValueError(f"UNet: x must have shape [B, H, W, C], got shape {x.shape}")
         b, h, w, _ = x.shape
@@ -167,6 +181,13 @@ class UNet(nn.Module):
             )
         if t.shape != (b,):
             raise ValueError(f"UNet: t must have shape [B] = ({b},) or (), got shape {t.shape}")
+        if example_index is not None and (
+            example_index.shape != (b,) or not jnp.issubdtype(example_index.dtype, jnp.integer)
+        ):
+            raise ValueError(
+                f"UNet: example_index must be int [B] = ({b},), got {example_index.dtype} of "
+                f"shape {example_index.shape}"
+            )
         if self.num_classes is None and y is not None:
             raise ValueError("UNet: y was given but num_classes is None (model is unconditional)")
         if self.num_classes is not None:
@@ -201,19 +222,22 @@ class UNet(nn.Module):
         y: jax.Array | None = None,
         context: jax.Array | None = None,
         train: bool = False,
+        example_index: jax.Array | None = None,
     ) -> jax.Array:
         x = jnp.asarray(x)
         t = jnp.asarray(t)
         if t.ndim == 0 and x.ndim == 4:
             t = jnp.broadcast_to(t, (x.shape[0],))
         y = None if y is None else jnp.asarray(y)
-        self._validate_inputs(x, t, y, context)
+        example_index = None if example_index is None else jnp.asarray(example_index)
+        self._validate_inputs(x, t, y, context, example_index)
+        dt, kn = self.dtype, self.kernels
         levels = len(self.ch_mult)
         out_channels = self.out_channels or x.shape[-1]
 
         temb = timestep_embedding(t, self.ch)
-        temb = make_dense(4 * self.ch, "temb_dense0", self.dtype)(temb)
-        temb = make_dense(4 * self.ch, "temb_dense1", self.dtype)(nn.swish(temb))
+        temb = make_dense(4 * self.ch, "temb_dense0", dt, kernels=kn)(temb)
+        temb = make_dense(4 * self.ch, "temb_dense1", dt, kernels=kn)(nn.swish(temb))
         if self.num_classes is not None:
             label_emb = nn.Embed(
                 self.num_classes + 1,
@@ -225,23 +249,17 @@ class UNet(nn.Module):
             temb = temb + label_emb(y)
 
         def res_block(h, out_ch, name):
-            block = ResBlock(
-                out_ch,
-                self.dropout,
-                self.num_groups,
-                self.resblock_conditioning,
-                self.dtype,
-                name=name,
-            )
-            return block(h, temb, train)
+            conditioning = self.resblock_conditioning
+            block = ResBlock(out_ch, self.dropout, self.num_groups, conditioning, dt, kn, name=name)
+            return block(h, temb, train, example_index)
 
         def attn_block(h, name):
             if self.context_dim is None:
-                return AttnBlock(self.num_heads, self.num_groups, self.dtype, name=name)(h)
-            block = SpatialTransformer(self.num_heads, self.num_groups, self.dtype, name=name)
+                return AttnBlock(self.num_heads, self.num_groups, dt, kn, name=name)(h)
+            block = SpatialTransformer(self.num_heads, self.num_groups, dt, kn, name=name)
             return block(h, context)
 
-        hs = [make_conv(self.ch, "conv_in", self.dtype)(x.astype(self.dtype))]
+        hs = [make_conv(self.ch, "conv_in", dt, kernels=kn)(x.astype(dt))]
         for i in range(levels):
             for j in range(self.num_res_blocks):
                 h = res_block(hs[-1], self.ch * self.ch_mult[i], f"down_{i}_block_{j}")
@@ -249,7 +267,7 @@ class UNet(nn.Module):
                     h = attn_block(h, f"down_{i}_attn_{j}")
                 hs.append(h)
             if i != levels - 1:
-                hs.append(Downsample(self.dtype, name=f"down_{i}_downsample")(hs[-1]))
+                hs.append(Downsample(dt, kn, name=f"down_{i}_downsample")(hs[-1]))
 
         h = res_block(hs[-1], hs[-1].shape[-1], "mid_block_1")
         h = attn_block(h, "mid_attn")
@@ -262,11 +280,12 @@ class UNet(nn.Module):
                 if h.shape[1] in self.attn_resolutions:
                     h = attn_block(h, f"up_{i}_attn_{j}")
             if i != 0:
-                h = Upsample(self.dtype, name=f"up_{i}_upsample")(h)
+                h = Upsample(dt, kn, name=f"up_{i}_upsample")(h)
         assert not hs, "every skip connection is consumed"
 
-        h = GroupNorm(self.num_groups, swish=True, dtype=self.dtype, name="norm_out")(h)
-        h = make_conv(out_channels, "conv_out", self.dtype, kernel_init=nn.initializers.zeros)(h)
+        h = GroupNorm(self.num_groups, swish=True, dtype=dt, kernels=kn, name="norm_out")(h)
+        zeros = nn.initializers.zeros
+        h = make_conv(out_channels, "conv_out", dt, kernel_init=zeros, kernels=kn)(h)
         return h.astype(jnp.float32)
 
 

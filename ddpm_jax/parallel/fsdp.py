@@ -10,10 +10,11 @@ the parameter gathers within groups of ``K`` devices).
 
 The step (``ddpm_jax.state.make_global_train_step``) is the per-device step's loss and gradient,
 mapped by :meth:`FullyShardedDataParallel.map_grads`: the parameters are all-gathered for the
-forward and backward pass, each device differentiates the loss of its own rows (its per-example
-keys and dropout key, as under shard_map), and the gradient is reduce-scattered into the
-parameters' layout. The update (clipping, Adam, EMA) then runs on the shards under ``jax.jit``.
-A run's numbers do not depend on the layout beyond the float32 order of the gradient sum.
+forward and backward pass, each device differentiates the loss of its own rows (with their
+per-example keys and dropout masks, as under shard_map), and the gradient is reduce-scattered
+into the parameters' layout. The update (clipping, Adam, EMA) then runs on the shards under
+``jax.jit``. A run's numbers do not depend on the layout beyond the float32 order of the
+gradient sum.
 Memory per device: the sharded state (``16 / K`` bytes per parameter) plus, during the step,
 the gathered parameters and the unreduced gradient (4 + 4 bytes per parameter, transient) and
 the activations of ``B / D`` rows.
@@ -135,9 +136,8 @@ class FullyShardedDataParallel(Layout):
         )
 
     def global_step_options(self) -> dict[str, Any]:
-        """The layout's arguments of ``state.make_global_train_step``: the device axes (in
-        batch order) and :meth:`map_grads`."""
-        return dict(axis_name=self.batch_axes, map_grads=self.map_grads)
+        """The layout's arguments of ``state.make_global_train_step``: :meth:`map_grads`."""
+        return dict(map_grads=self.map_grads)
 
     def map_grads(self, grad_fn: Callable) -> Callable:
         """Runs a per-device gradient function on every device's rows with the parameters
@@ -154,8 +154,8 @@ class FullyShardedDataParallel(Layout):
         compute sharded weight gradients, and needs more temporary memory than shard_map.
 
         Args:
-          grad_fn: ``(params, step, rows) -> (loss, grads)`` of one device's rows, under the
-            mapped axes ``("data", "fsdp")``.
+          grad_fn: ``(params, step, rows) -> (loss, grads)`` of one device's rows (run under
+            the mapped axes ``("data", "fsdp")``).
 
         Returns:
           ``fn(params, step, batch) -> (loss, grads)``: the mean loss (replicated) and gradient
