@@ -239,8 +239,8 @@ def build_train_step(
 ) -> Callable:
     """The engine's training step: ``state.make_train_step`` of ``config`` (loss, Adam, EMA,
     per-example randomness) mapped over ``dp`` and scanned over the steps of one call; under a
-    global-view layout (FSDP) the same step on the global batch,
-    ``state.make_global_train_step`` with one dropout group per device.
+    global-view layout (FSDP) ``state.make_global_train_step``: the same per-device loss and
+    gradient, mapped and reduced by the layout (``dp.global_step_options()``), then the update.
 
     Returns:
       ``fn(state, batch) -> (state, metrics)`` (see ``dp.wrap``).

@@ -1,4 +1,4 @@
-"""Training state, optimizer, EMA and the per-device training step (written once, pmap-style).
+"""Training state, optimizer, EMA and the training step (written once, pmap-style; FSDP reuses it).
 
 The optimizer of Ho et al. (2020) by default: Adam (lr 2e-4), linear warm-up over 5,000 steps,
 gradient clipping at global norm 1.0, and an exponential moving average of the parameters with

@@ -140,7 +140,7 @@ def train_inputs(s: Setup) -> tuple[Any, dict]:
     params = s.dp.replicate_host(random_params(s.abstract.params))
     state = state_lib.create_train_state(params, s.optimizer)  # eager: replicated like params
     committed = lambda x: x if x.committed else s.dp.replicate_host(np.asarray(x))  # the counts
-    state = s.dp.from_replicated(jax.tree.map(committed, state))
+    state = s.dp.to_step(jax.tree.map(committed, state))
     k, b = s.config.train.steps_per_call, s.config.train.batch_size // jax.process_count()
     rng = np.random.default_rng(1)
     index = (jax.process_index() * b + np.arange(b)).astype(np.int32)

@@ -87,10 +87,6 @@ class DataParallel(Layout):
 
         return jax.tree.map(unstack, state)
 
-    # The names of to_step / from_step from before layouts other than "replicated" existed.
-    from_replicated = to_step
-    to_replicated = from_step
-
     # ------------------------------------------------------------------ batches
 
     def shard_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
