@@ -41,6 +41,7 @@ def _argv(workdir, *flags):
         f"--workdir={workdir}",
         "--config.train.log_every=1",
         "--config.train.sample_every=0",
+        "--config.eval.every=0",
         *flags,
     ]
 

@@ -328,7 +328,6 @@ def _tiny_tfds_config(data_dir):
     return c
 
 
-@pytest.mark.slow
 def test_cli_evaluates_a_tfds_run_without_its_data(tmp_path, monkeypatch, capsys):
     """A CIFAR-10 run is evaluated where CIFAR-10 is not prepared: the run loads from its config
     and the reference statistics from the cache; reading the dataset would fail the test."""
@@ -422,7 +421,6 @@ def latent_dir(tmp_path_factory):
     return str(workdir), prompt_class
 
 
-@pytest.mark.slow
 def test_cli_evaluates_a_latent_run(
     latent_dir, classifier, tmp_path, monkeypatch, capsys, default_digits_extractor
 ):

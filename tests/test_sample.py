@@ -113,3 +113,20 @@ def test_samples_of_a_published_pipeline_folder(tmp_path, capsys):
         np.testing.assert_array_equal(f["labels"], -1)
         assert f["images"].std() > 0
     assert "sampling 5 images (ddpm, 10 steps)" in capsys.readouterr().out
+
+
+def test_a_damaged_weights_file_is_one_line_and_exit_2(tmp_path, capsys):
+    folder = tmp_path / "ddpm-damaged"
+    folder.mkdir()
+    config = {"_class_name": "UNet2DModel", "sample_size": 8, "block_out_channels": [16, 32]}
+    config.update(down_block_types=["DownBlock2D", "DownBlock2D"], norm_num_groups=8)
+    config.update(up_block_types=["UpBlock2D", "UpBlock2D"], layers_per_block=1)
+    config.update(freq_shift=1, flip_sin_to_cos=False, downsample_padding=0, norm_eps=1e-6)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"\x08\x00\x00\x00not a file")
+    (folder / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDPMScheduler"}))
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["sample", f"--pretrained={folder}", f"--out={tmp_path / 'out'}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "diffusion_pytorch_model.safetensors" in err[0], err
