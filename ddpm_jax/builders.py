@@ -10,8 +10,9 @@ Every other module takes explicit arguments; only this module and ``config.py`` 
   reading data) and :func:`build_dataset` (the deterministic batches);
 - the optimizer and its learning-rate schedule (:func:`build_optimizer`), the parallel layout
   (:func:`build_parallel`);
-- the training state: :func:`init_state_fn` and :func:`abstract_state` (shapes, dtypes and
-  shardings, from ``jax.eval_shape``: nothing is computed);
+- the training state: :func:`init_state_fn`, :func:`abstract_state` (shapes, dtypes and the
+  layout's shardings, from ``jax.eval_shape``: nothing is computed) and :func:`init_state` (the
+  state computed directly in its shards);
 - the compiled-per-call training step (:func:`build_train_step`), the same for
   ``experiments.cifar`` and ``experiments.benchmark``.
 """
@@ -27,14 +28,14 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ddpm_jax import data, schedules
+from ddpm_jax import data, parallel, schedules
 from ddpm_jax import state as state_lib
 from ddpm_jax.errors import UsageError
 from ddpm_jax.models.autoencoder import AutoencoderKL
 from ddpm_jax.models.layers import DTYPES
 from ddpm_jax.models.text import PromptUNet, TextEncoder, Tokenizer, prompt_table
 from ddpm_jax.models.unet import UNet
-from ddpm_jax.parallel import AXIS, DataParallel
+from ddpm_jax.parallel import AXIS, Layout
 from ddpm_jax.workdir import INIT_TAG, run_key
 
 Config = ml_collections.ConfigDict
@@ -175,9 +176,19 @@ def build_optimizer(config: Config) -> tuple[optax.GradientTransformation, optax
     return optimizer, state_lib.learning_rate_schedule(t.lr, t.warmup_steps)
 
 
-def build_parallel(config: Config) -> DataParallel:
-    """Data parallelism of kind ``config.parallel`` over every device of the job."""
-    return DataParallel(config.parallel)
+def build_parallel(config: Config, *, fsdp_over_all_devices: bool = False) -> Layout:
+    """The parallel layout ``config.parallel`` over every device of the job (``config.mesh``:
+    the size of the FSDP axis and the smallest sharded leaf).
+
+    Args:
+      config: the config (one from before the ``mesh`` section gets its defaults).
+      fsdp_over_all_devices: ignore ``config.mesh.fsdp`` and shard over all devices (loading a
+        run on other devices than it was trained on).
+    """
+    m = config.get("mesh") or ml_collections.ConfigDict(dict(fsdp=None, fsdp_min_size=None))
+    fsdp_size = None if fsdp_over_all_devices else m.fsdp
+    min_size = parallel.fsdp.DEFAULT_MIN_SIZE if m.fsdp_min_size is None else m.fsdp_min_size
+    return parallel.make(config.parallel, fsdp_size=fsdp_size, min_size=min_size)
 
 
 def init_state_fn(
@@ -198,13 +209,24 @@ def init_state_fn(
     return init
 
 
-def abstract_state(init: Callable[[], state_lib.TrainState], dp: DataParallel) -> Any:
-    """The state's ``ShapeDtypeStruct`` tree, replicated over ``dp``'s mesh (nothing computed;
-    tracing the initialisation also checks the model against the image shape)."""
+def abstract_state(init: Callable[[], state_lib.TrainState], dp: Layout) -> Any:
+    """The state's ``ShapeDtypeStruct`` tree with ``dp``'s shardings (``dp.state_shardings``:
+    replicated, or sharded under FSDP); nothing is computed, and tracing the initialisation also
+    checks the model against the image shape. Checkpoints are restored into it."""
+    shapes = jax.eval_shape(init)
     return jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dp.replicated),
-        jax.eval_shape(init),
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        shapes,
+        dp.state_shardings(shapes),
     )
+
+
+def init_state(init: Callable[[], state_lib.TrainState], abstract: Any) -> state_lib.TrainState:
+    """The state at step 0 computed in the layout of ``abstract`` (:func:`abstract_state`): one
+    ``jax.jit`` with those ``out_shardings``, so each device computes only its own shards and the
+    whole state never exists on one device."""
+    shardings = jax.tree.map(lambda a: a.sharding, abstract)
+    return jax.jit(init, out_shardings=shardings)()
 
 
 def build_train_step(
@@ -213,13 +235,15 @@ def build_train_step(
     schedule: schedules.Schedule,
     optimizer: optax.GradientTransformation,
     lr_schedule: optax.Schedule,
-    dp: DataParallel,
+    dp: Layout,
 ) -> Callable:
     """The engine's training step: ``state.make_train_step`` of ``config`` (loss, Adam, EMA,
-    per-example randomness) mapped over ``dp`` and scanned over the steps of one call.
+    per-example randomness) mapped over ``dp`` and scanned over the steps of one call; under a
+    global-view layout (FSDP) ``state.make_global_train_step``: the same per-device loss and
+    gradient, mapped and reduced by the layout (``dp.global_step_options()``), then the update.
 
     Returns:
-      ``fn(state, batch) -> (state, metrics)`` (see ``DataParallel.wrap``).
+      ``fn(state, batch) -> (state, metrics)`` (see ``dp.wrap``).
     """
 
     def apply_fn(params, x_t, t, y=None, rng=None, example_index=None):
@@ -227,13 +251,17 @@ def build_train_step(
         return model.apply(params, x_t, t, y=y, train=True, example_index=example_index, rngs=rngs)
 
     d, t = config.diffusion, config.train
-    step_fn = state_lib.make_train_step(
+    if dp.global_view:
+        make, view = state_lib.make_global_train_step, dp.global_step_options()
+    else:
+        make, view = state_lib.make_train_step, dict(axis_name=AXIS)
+    step_fn = make(
         apply_fn,
         schedule,
         optimizer,
         seed=config.seed,
         global_batch_size=t.batch_size,
-        axis_name=AXIS,
+        **view,
         lr_schedule=lr_schedule,
         prediction=d.prediction,
         weighting=d.weighting,
@@ -258,6 +286,7 @@ __all__ = [
     "build_vae",
     "check_image_shape",
     "data_spec",
+    "init_state",
     "init_state_fn",
     "sample_settings",
 ]

@@ -7,7 +7,10 @@ that implement them (``schedules.NAMES``, ``samplers.METHODS``, ...). Sections a
 defaults are Ho et al. 2020, CIFAR-10):
 
 - ``seed``: root of all randomness (init, data order, timesteps, noise, label dropout, samples).
-- ``parallel``: ``"shard_map"`` (``jax.jit`` of ``jax.shard_map`` over a 1-D mesh) or ``"pmap"``.
+- ``parallel``: ``"shard_map"`` (``jax.jit`` of ``jax.shard_map``, replicated state), ``"pmap"``
+  or ``"fsdp"`` (state sharded over a 2-D mesh, ``ddpm_jax.parallel``); may change on resume.
+- ``mesh`` (fsdp only): ``fsdp``, the size of the ``"fsdp"`` mesh axis (None: all devices; it
+  must divide the device count), ``fsdp_min_size`` (smaller leaves stay replicated).
 - ``data``: ``name``, ``data_dir``, ``manual_dir``, ``random_flip`` (None: dataset default),
   ``image_size`` (None: native), ``num_examples`` (None: all) — see ``ddpm_jax.data``.
 - ``model``: the UNet's ``ch, ch_mult, num_res_blocks, attn_resolutions, dropout, num_heads,
@@ -25,9 +28,8 @@ defaults are Ho et al. 2020, CIFAR-10):
 - ``sample``: the final ``samples.npz`` and the training grids: ``num_samples`` (0 disables),
   ``method``, ``num_steps``, ``guidance_scale``, ``eta`` (DDIM only), ``clip_x0`` (clip x̂_0 to
   [-clip_x0, clip_x0]; None: no clipping), ``variance`` (DDPM's "fixed_small" β̃ or
-  "fixed_large" β),
-  ``grid_size`` (a ``grid_size``² grid; 0 disables), ``batch_size`` (samples per compiled call,
-  rounded up to a multiple of the device count).
+  "fixed_large" β), ``grid_size`` (a ``grid_size``² grid; 0 disables), ``batch_size`` (samples
+  per compiled call, rounded up to a multiple of the device count).
 - ``eval``: evaluation during training on the EMA parameters, every ``every`` steps (0: off):
   ``num_samples`` sampled with ``method``, ``num_steps``, ``guidance_scale``, scored against the
   training split's cached reference statistics (digits: digits-FID/KID and class accuracy; other
@@ -61,6 +63,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.parallel = "shard_map"
 
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.fsdp = config_dict.placeholder(int)  # None: all devices
+    c.mesh.fsdp_min_size = parallel.fsdp.DEFAULT_MIN_SIZE
+
     c.data = ml_collections.ConfigDict()
     c.data.name = "cifar10"
     c.data.data_dir = config_dict.placeholder(str)
@@ -69,9 +75,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.image_size = config_dict.placeholder(int)
     c.data.num_examples = config_dict.placeholder(int)
 
-    c.model = ml_collections.ConfigDict(
-        dict(CIFAR10_DDPM)
-    )  # ch, ch_mult, blocks, attention, dropout
+    c.model = ml_collections.ConfigDict(dict(CIFAR10_DDPM))  # ch, ch_mult, blocks, attn, dropout
     c.model.num_heads = 1
     c.model.num_groups = 32
     c.model.resblock_conditioning = "additive"
@@ -220,9 +224,9 @@ def _get(c, field: str) -> Any:
 def _check_known_keys(config) -> None:
     """Rejects unknown keys inside the known sections (typos); extra sections are allowed."""
     default = default_config()
-    for section in ("data", "model", "diffusion", "train", "sample", "eval"):
+    for section in ("mesh", "data", "model", "diffusion", "train", "sample", "eval"):
         if section not in config:
-            if section == "eval":  # runs from before evaluation during training
+            if section in ("mesh", "eval"):  # runs from before these sections
                 continue
             raise UsageError(f"config.{section} is missing; build configs from default_config()")
         unknown = sorted(set(config[section].keys()) - set(default[section].keys()))
@@ -244,7 +248,7 @@ def validate(
     Args:
       config: a ConfigDict built from :func:`default_config`.
       device_count: number of devices of the job (all processes); when given,
-        ``train.batch_size`` (and ``sample.batch_size`` rounding) is checked against it.
+        ``train.batch_size`` and ``mesh.fsdp`` are checked against it.
       process_count: number of processes; when given, ``train.batch_size`` must divide evenly.
 
     Raises:
@@ -253,6 +257,11 @@ def validate(
     _check_known_keys(config)
     _int(config, "seed", 0)
     _choice(config, "parallel", parallel.KINDS)
+    if "mesh" in config:
+        _int(config, "mesh.fsdp", 1, optional=True)
+        _int(config, "mesh.fsdp_min_size", 0)
+        if config.parallel == parallel.fsdp.KIND and device_count and config.mesh.fsdp:
+            _divides("mesh.fsdp", config.mesh.fsdp, "the device count", device_count)
 
     name = _get(config, "data.name")
     if not isinstance(name, str) or not name:

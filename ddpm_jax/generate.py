@@ -19,12 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from ddpm_jax import guidance, images, samplers, schedules
 from ddpm_jax.models.text import PAD_ID
-from ddpm_jax.parallel import AXIS, DataParallel, compiler_options
+from ddpm_jax.parallel import Layout, compiler_options
 from ddpm_jax.workdir import log
 
 
@@ -35,11 +33,18 @@ class Generator:
     function of (key, i) alone: the same whatever the device count, the round size or the
     sharding.
 
+    The sampler sees gathered (replicated) parameters: a call gathers sharded ones (an FSDP run's
+    EMA) once, then every round is pure data parallelism. Sampling evaluates the network
+    ``num_steps`` times per round; with sharded parameters each evaluation would all-gather every
+    weight again, while gathering once costs 4 bytes per float32 parameter on each device, a
+    quarter of the training state that FSDP divides, and the forward passes keep no activations
+    for a backward pass.
+
     Args:
       model: the network (``model.apply(params, x_t, t, y=...)``); conditional when
         ``model.null_label`` is not None.
       schedule: the noise schedule it was trained with.
-      dp: the devices to shard rounds over.
+      dp: the parallel layout whose devices the rounds are sharded over (all of them).
       image_shape: ``(H, W, C)`` of the model's inputs (latents for a latent model).
       method / num_steps / eta / clip_x0 / prediction / variance: see
         ``ddpm_jax.samplers.sample``.
@@ -53,7 +58,7 @@ class Generator:
         self,
         model: nn.Module,
         schedule: schedules.Schedule,
-        dp: DataParallel,
+        dp: Layout,
         image_shape: Sequence[int],
         *,
         method: str,
@@ -73,7 +78,7 @@ class Generator:
         self.clip_x0, self.prediction, self.batch_size = clip_x0, prediction, batch_size
         self.variance = variance
         self.decode_fn = decode_fn
-        self.sharding = NamedSharding(dp.mesh, P(AXIS))
+        self.sharding = dp.batch_sharding
         self._fns: dict[tuple[int, str], Callable] = {}
         # fold_in(key, i) for a round's global sample indices i, sharded like the round.
         fold = jax.vmap(jax.random.fold_in, in_axes=(None, 0))
@@ -132,7 +137,8 @@ class Generator:
         """``num`` samples in rounds of ``batch_size`` rounded up to the device count.
 
         Args:
-          params: the (replicated) model variables, e.g. the EMA parameters.
+          params: the model variables on ``dp``'s mesh, e.g. the EMA parameters: replicated, or
+            sharded (gathered once here, ``dp.gather``).
           key: sampling key; sample ``i`` uses ``fold_in(key, i)`` alone.
           num: number of samples.
           labels: ``[num]`` int32 class labels of a conditional model (default: cycling through
@@ -149,6 +155,7 @@ class Generator:
           ``(images uint8 [num, H, W, C], labels int32 [num])`` on every process (labels -1 for
           an unconditional model or token prompts).
         """
+        params = self.dp.gather(params)
         d = self.dp.num_devices
         batch = -(-min(self.batch_size, num) // d) * d
         rounds = -(-num // batch)

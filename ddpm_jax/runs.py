@@ -26,7 +26,7 @@ from ddpm_jax.errors import UsageError
 from ddpm_jax.generate import Generator
 from ddpm_jax.latent import frozen_vae
 from ddpm_jax.models.text import Tokenizer
-from ddpm_jax.parallel import DataParallel
+from ddpm_jax.parallel import DataParallel, Layout
 from ddpm_jax.weights import load_diffusers_pipeline
 from ddpm_jax.workdir import read_json
 
@@ -47,7 +47,8 @@ class LoadedRun:
       path: the run's work directory, or the pretrained folder (absolute).
       model: the network (a UNet, or a PromptUNet for a latent run).
       schedule: the noise schedule.
-      dp: data parallelism over all devices.
+      dp: the parallel layout over all devices (a run's ``config.parallel``; an FSDP run's over
+        all devices of this job, whatever its ``mesh.fsdp`` was).
       image_shape: ``(H, W, C)`` of the model's inputs (latents for a latent run).
       output_shape: ``(H, W, C)`` of the generated images (decoded, for a latent run).
       ema_params: the variables to sample with (a run's EMA parameters), replicated over ``dp``.
@@ -65,7 +66,7 @@ class LoadedRun:
     path: str
     model: nn.Module
     schedule: schedules.Schedule
-    dp: DataParallel
+    dp: Layout
     image_shape: tuple[int, int, int]
     output_shape: tuple[int, int, int]
     ema_params: Any
@@ -136,7 +137,8 @@ def load_run(workdir: str | os.PathLike) -> LoadedRun:
         image_shape, num_classes = builders.data_spec(config)
         output_shape = image_shape
         model = builders.build_model(config, num_classes)
-    dp = builders.build_parallel(config)
+    # An FSDP run is restored sharded over all devices, then only its EMA is gathered.
+    dp = builders.build_parallel(config, fsdp_over_all_devices=True)
     optimizer, _ = builders.build_optimizer(config)
     abstract = builders.abstract_state(
         builders.init_state_fn(config, model, optimizer, image_shape), dp
@@ -159,7 +161,7 @@ def load_run(workdir: str | os.PathLike) -> LoadedRun:
         dp=dp,
         image_shape=tuple(image_shape),
         output_shape=tuple(output_shape),
-        ema_params=state.ema_params,
+        ema_params=dp.gather(state.ema_params),
         step=int(step),
         sample_defaults=builders.sample_settings(config),
         data=DataRef(d.name, d.data_dir, d.manual_dir),

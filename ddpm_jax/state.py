@@ -1,4 +1,4 @@
-"""Training state, optimizer, EMA and the per-device training step (written once, pmap-style).
+"""Training state, optimizer, EMA and the training step (written once, pmap-style; FSDP reuses it).
 
 The optimizer of Ho et al. (2020) by default: Adam (lr 2e-4), linear warm-up over 5,000 steps,
 gradient clipping at global norm 1.0, and an exponential moving average of the parameters with
@@ -18,12 +18,17 @@ Example:
     >>> step_fn = make_train_step(apply_fn, schedule, optimizer, seed=0, global_batch_size=128,
     ...                           axis_name="data")
     >>> state, metrics = step_fn(state, batch)  # inside shard_map / pmap over "data"
+
+:func:`make_train_step` is the per-device step (pmap-style: its own rows, ``lax.pmean`` over the
+devices); :func:`make_global_train_step` is the same step on the global batch, for ``jax.jit``
+with shardings (FSDP). Both are made of the same two pieces, the per-device loss and gradient
+and the update, so they cannot drift apart; tests compare them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -146,6 +151,77 @@ def draw_example_randomness(
     return jax.vmap(one)(keys)
 
 
+class _StepMath(NamedTuple):
+    """The pieces of one training step, shared by the per-device and the global-view step."""
+
+    device_grads: Callable  # (params, step, rows) -> (loss, grads) of those rows
+    update: Callable  # (state, loss, grads) -> (state, metrics), loss and grads averaged
+
+
+def _step_math(
+    apply_fn,
+    schedule,
+    optimizer,
+    *,
+    seed,
+    global_batch_size,
+    lr_schedule,
+    prediction,
+    weighting,
+    min_snr_gamma,
+    ema_decay,
+    p_uncond,
+    null_label,
+) -> _StepMath:
+    def device_grads(params, step, batch):
+        """The loss and gradient of one device's rows (not yet averaged over devices)."""
+        x0 = batch["image"]
+        keys = example_keys(seed, step, batch["index"])
+        t, noise, drop = draw_example_randomness(
+            keys, x0.shape[1:], schedule.num_timesteps, p_uncond
+        )
+        cond = {}
+        if null_label is not None:
+            cond["y"] = jnp.where(drop, null_label, batch["label"]).astype(jnp.int32)
+        step_key = jax.random.fold_in(jax.random.key(seed), step)
+        dropout_key = jax.random.fold_in(step_key, global_batch_size)  # one for all devices
+        rows = batch["index"]
+
+        def loss_fn(params):
+            model_fn = lambda x_t, t_, **c: apply_fn(
+                params, x_t, t_, rng=dropout_key, example_index=rows, **c
+            )
+            return losses.diffusion_loss(
+                model_fn,
+                schedule,
+                x0,
+                t,
+                noise,
+                prediction=prediction,
+                weighting=weighting,
+                min_snr_gamma=min_snr_gamma,
+                cond=cond,
+            )
+
+        return jax.value_and_grad(loss_fn)(params)
+
+    def update(state, loss, grads):
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        if lr_schedule is not None:
+            metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=params,
+            ema_params=ema_update(state.ema_params, params, ema_decay),
+            opt_state=opt_state,
+        )
+        return new_state, metrics
+
+    return _StepMath(device_grads, update)
+
+
 def make_train_step(
     apply_fn: Callable[..., jax.Array],
     schedule: Schedule,
@@ -189,51 +265,92 @@ def make_train_step(
       averaged gradient, before clipping) and ``lr`` (learning rate of this update); identical on
       every device.
     """
+    parts = _step_math(
+        apply_fn,
+        schedule,
+        optimizer,
+        seed=seed,
+        global_batch_size=global_batch_size,
+        lr_schedule=lr_schedule,
+        prediction=prediction,
+        weighting=weighting,
+        min_snr_gamma=min_snr_gamma,
+        ema_decay=ema_decay,
+        p_uncond=p_uncond,
+        null_label=null_label,
+    )
 
     def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        x0 = batch["image"]
-        keys = example_keys(seed, state.step, batch["index"])
-        t, noise, drop = draw_example_randomness(
-            keys, x0.shape[1:], schedule.num_timesteps, p_uncond
-        )
-        cond = {}
-        if null_label is not None:
-            cond["y"] = jnp.where(drop, null_label, batch["label"]).astype(jnp.int32)
-        step_key = jax.random.fold_in(jax.random.key(seed), state.step)
-        dropout_key = jax.random.fold_in(step_key, global_batch_size)  # one for all devices
-        rows = batch["index"]
-
-        def loss_fn(params):
-            model_fn = lambda x_t, t_, **c: apply_fn(
-                params, x_t, t_, rng=dropout_key, example_index=rows, **c
-            )
-            return losses.diffusion_loss(
-                model_fn,
-                schedule,
-                x0,
-                t,
-                noise,
-                prediction=prediction,
-                weighting=weighting,
-                min_snr_gamma=min_snr_gamma,
-                cond=cond,
-            )
-
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        loss, grads = parts.device_grads(state.params, state.step, batch)
         grads = jax.lax.pmean(grads, axis_name)
         loss = jax.lax.pmean(loss, axis_name)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-        if lr_schedule is not None:
-            metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
-        new_state = TrainState(
-            step=state.step + 1,
-            params=params,
-            ema_params=ema_update(state.ema_params, params, ema_decay),
-            opt_state=opt_state,
-        )
-        return new_state, metrics
+        return parts.update(state, loss, grads)
+
+    return step_fn
+
+
+GradFn = Callable[[PyTree, jax.Array, dict], tuple[jax.Array, PyTree]]
+
+
+def make_global_train_step(
+    apply_fn: Callable[..., jax.Array],
+    schedule: Schedule,
+    optimizer: optax.GradientTransformation,
+    *,
+    seed: int,
+    global_batch_size: int,
+    map_grads: Callable[[GradFn], GradFn],
+    lr_schedule: optax.Schedule | None = None,
+    prediction: str = "eps",
+    weighting: str = "uniform",
+    min_snr_gamma: float = 5.0,
+    ema_decay: float = 0.9999,
+    p_uncond: float = 0.1,
+    null_label: int | None = None,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """The training step of :func:`make_train_step` on the global batch, for ``jax.jit`` with
+    shardings (``ddpm_jax.parallel.fsdp``).
+
+    The loss and gradient are those of the per-device step: its gradient function (one device's
+    rows with their per-example keys and dropout masks) mapped over the devices by
+    ``map_grads``, which also averages them; the update (clipping, Adam, EMA) runs on the global
+    view, in whatever sharding ``map_grads`` returns the gradient (FSDP: that of the parameters,
+    so Adam and the EMA run on shards). The results equal the per-device step's up to the float32
+    order of the gradient sum, with dropout too.
+
+    Args:
+      apply_fn / schedule / optimizer / seed / global_batch_size / lr_schedule / prediction /
+        weighting / min_snr_gamma / ema_decay / p_uncond / null_label: see
+        :func:`make_train_step`.
+      map_grads: turns the per-device ``grad_fn(params, step, rows) -> (loss, grads)`` (the
+        loss and gradient of one device's rows) into ``fn(params, step, batch) -> (loss,
+        grads)`` of the global batch, averaged over all rows (e.g.
+        ``FullyShardedDataParallel.map_grads``: ``shard_map`` and a reduce-scatter).
+
+    Returns:
+      ``step_fn(state, batch) -> (state, metrics)``; ``batch`` holds the global batch
+      (``"image"`` float32 ``[B, H, W, C]``, ``"label"`` and ``"index"`` int32 ``[B]``);
+      ``metrics`` as in :func:`make_train_step`.
+    """
+    parts = _step_math(
+        apply_fn,
+        schedule,
+        optimizer,
+        seed=seed,
+        global_batch_size=global_batch_size,
+        lr_schedule=lr_schedule,
+        prediction=prediction,
+        weighting=weighting,
+        min_snr_gamma=min_snr_gamma,
+        ema_decay=ema_decay,
+        p_uncond=p_uncond,
+        null_label=null_label,
+    )
+    global_grads = map_grads(parts.device_grads)
+
+    def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        loss, grads = global_grads(state.params, state.step, batch)
+        return parts.update(state, loss, grads)
 
     return step_fn
 
@@ -245,6 +362,7 @@ __all__ = [
     "ema_update",
     "example_keys",
     "learning_rate_schedule",
+    "make_global_train_step",
     "make_optimizer",
     "make_train_step",
 ]

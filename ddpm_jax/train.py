@@ -42,7 +42,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ddpm_jax import builders, data, images, resume
+from ddpm_jax import builders, data, images, parallel, resume
 from ddpm_jax import config as config_lib
 from ddpm_jax.checkpoint import Checkpointer, PreemptionGuard
 from ddpm_jax.errors import NonFiniteLossError, UsageError
@@ -91,7 +91,8 @@ class RunResult:
       metrics_path: ``metrics.jsonl``.
       samples_path: ``samples.npz``, or None when not written (``sample.num_samples = 0`` or
         preempted).
-      ema_params: the replicated EMA parameters at return (for sampling by the caller).
+      ema_params: the replicated EMA parameters at return (for sampling by the caller; gathered
+        from their shards under ``parallel="fsdp"``).
     """
 
     status: str
@@ -235,10 +236,15 @@ class Trainer:
         had_checkpoints = bool(self.ckpt.all_steps())
         state, start = self.ckpt.restore_latest(self.abstract_state, start_over=start_over)
         if state is None:
-            state, start = jax.jit(self.init, out_shardings=self.dp.replicated)(), 0
+            state, start = builders.init_state(self.init, self.abstract_state), 0
             log(f"new run in {self.workdir} ({self.dp.num_devices} devices, {self.dp.kind})")
         else:
             log(f"resuming from the checkpoint of step {start} in {self.ckpt.directory}")
+        size = parallel.state_bytes(state)  # from the arrays' shards on this process's devices
+        log(
+            f"training state ({self.dp.kind}): {size['per_device']:,} bytes per device of "
+            f"{size['total']:,} ({size['replicated']:,} replicated on every device)"
+        )
         if is_writer():  # the restore succeeded: now the run's files may change
             self._record_start(start, changes, started_over=had_checkpoints and start == 0)
         self.records = RunRecords(self.workdir, start)
@@ -247,19 +253,20 @@ class Trainer:
             log(f"training already finished (step {start} >= train.num_steps={tc.num_steps})")
             path = self._final_samples(state, overwrite=False)
             status = "preempted" if self.preemption.requested else "already_complete"
-            return RunResult(status, start, self.workdir, self.metrics_path, path, state.ema_params)
-        status, step, state = self._loop(self.dp.from_replicated(state), start, step_callback)
+            ema = self.dp.gather(state.ema_params)
+            return RunResult(status, start, self.workdir, self.metrics_path, path, ema)
+        status, step, state = self._loop(self.dp.to_step(state), start, step_callback)
         path = None
         if status == "completed":
             self._write_report()
-            path = self._final_samples(self.dp.to_replicated(state), overwrite=True)
+            path = self._final_samples(self.dp.from_step(state), overwrite=True)
             status = "preempted" if self.preemption.requested else status
         if status == "completed":
             log(
                 f"done: {step} steps. metrics: {self.metrics_path}; sample grids: "
                 f"{self.workdir}/samples/; samples: {path}; checkpoints: {self.ckpt.directory}"
             )
-        ema = self.dp.to_replicated(state).ema_params
+        ema = self.dp.gather(self.dp.from_step(state).ema_params)
         return RunResult(status, step, self.workdir, self.metrics_path, path, ema)
 
     def _record_start(self, start: int, changes: dict, started_over: bool) -> None:
@@ -322,7 +329,7 @@ class Trainer:
             nonlocal last_saved
             flush()  # never save a state after a non-finite loss
             if last_saved != step:
-                ckpt.save(step, dp.to_replicated(state))
+                ckpt.save(step, dp.from_step(state))
                 last_saved = step
 
         while step < tc.num_steps:
@@ -365,7 +372,7 @@ class Trainer:
 
     def _sample_grid(self, state, step: int) -> None:
         g = self.config.sample.grid_size
-        ema = self.dp.to_replicated(state.ema_params)
+        ema = self.dp.from_step(state.ema_params)
         imgs, _ = self.generator(ema, run_key(self.config.seed, GRID_TAG), g * g)
         if is_writer():
             grid = images.make_grid(imgs, g, **images.READABLE)  # column j: class j (cycled)
@@ -374,7 +381,7 @@ class Trainer:
 
     def _evaluate(self, state, step: int) -> None:
         """FID / KID (and accuracy) of EMA samples into the records, and the report plot."""
-        record = self.evaluation(self.dp.to_replicated(state.ema_params), step)
+        record = self.evaluation(self.dp.gather(self.dp.from_step(state.ema_params)), step)
         self.records.scalars(record)
         tc = self.config.train
         log(f"{chr(10) if self.tty else ''}step {step}/{tc.num_steps} | eval: {summary(record)}")
@@ -388,8 +395,9 @@ class Trainer:
             plot_run(self.workdir, os.path.join(self.workdir, "report.png"))
 
     def _final_samples(self, state, *, overwrite: bool) -> str | None:
-        """Writes ``samples.npz`` from the EMA parameters of the replicated ``state``; None when
-        there are none to write or a preemption notice stopped the sampling."""
+        """Writes ``samples.npz`` from the EMA parameters of ``state`` (in the layout's state
+        shardings: the generator gathers them); None when there are none to write or a
+        preemption notice stopped the sampling."""
         s = self.config.sample
         if s.num_samples == 0:
             return None

@@ -22,6 +22,12 @@ values). One command measures, in one process (PyTorch in a subprocess, same thr
   as a run samples) at ``--num-steps`` steps on ``--sample-batch`` images; ``compile_s`` is the
   first call minus the median one. ``--modes scan,loop`` adds a Python loop over a jitted
   ``samplers.step`` (unsharded) and its ``scan_speedup``.
+- ``memory`` (only when asked for): per ``--layouts`` (``shard_map``, ``fsdp``, ``fsdp:K`` for a
+  ``K``-device fsdp axis; ``--fsdp-min-size`` overrides ``mesh.fsdp_min_size``), compile-only:
+  the training state's bytes on the most loaded device (``state_mb``, from the shardings; of it
+  ``state_replicated_mb`` on every device; ``state_total_mb`` the whole state) and the memory of
+  the compiled step and of the sharded initialisation, as for ``train``. ``--devices N`` simulates
+  ``N`` CPU devices, so a 0.5-1B UNet (``--model large``) is measured on a laptop.
 - ``torch``: ``experiments/torch_baseline.py`` (diffusers' ``UNet2DModel``, the same step in
   PyTorch eager, ``DDIMPipeline``; float32) and the ratios JAX / PyTorch. Skipped when torch or
   diffusers is not installed.
@@ -32,6 +38,8 @@ Usage::
     python -m experiments.benchmark --sections train,torch --steps-per-call 10
     python -m experiments.benchmark --preset accelerator --json gpu.json  # < 5 min, one H100
     python -m experiments.benchmark --tiny                # smoke run of every section
+    python -m experiments.benchmark --sections memory --model large --batch 128 --devices 8 \
+        --layouts shard_map,fsdp,fsdp:4                  # state and step memory per layout
 
 Presets set defaults; flags given with them win. ``--preset accelerator``: the CIFAR-10 UNet at
 global batch 128 over all devices, float32 and bfloat16, 10 steps per call; every sampler at
@@ -169,7 +177,12 @@ SECTIONS = {
         "flops_utilization", "scan_speedup")),
     "torch": (bench_torch,
               ("framework", "threads", "what", "batch", "time_s", "images_per_s", "peak_rss_mb")),
+    "memory": (measure.bench_memory, (
+        "model", "dtype", "layout", "devices", "batch", "params_M", "state_mb",
+        "state_replicated_mb", "state_total_mb", "step_memory_mb", "memory_temp_mb",
+        "init_memory_mb", "compile_s")),
 }  # fmt: skip
+DEFAULT_SECTIONS = ["matmul", "train", "sampling", "torch"]  # "memory" when asked for
 # summary key -> train row key: of the headline row, and per dtype in "train_by_dtype".
 TRAIN_FIGURES = {
     "train_images_per_sec": "images_per_s", "train_steps_per_sec": "steps_per_s",
@@ -227,6 +240,11 @@ def summarize(results: dict[str, list[dict]]) -> dict:
         out["sample_images_per_sec"] = head["images_per_s"]
         out["sample_images_per_sec_by_method"] = by_dtype[head["dtype"]]
         out["sample_images_per_sec_by_dtype"] = by_dtype
+    if results.get("memory"):  # MiB per device
+        out["memory_by_layout"] = {
+            f"{r['layout']} {r['dtype']}": dict(state=r["state_mb"], step=r.get("step_memory_mb"))
+            for r in results["memory"]
+        }
     torch_rows = results.get("torch", [])
     if torch_rows:
         out["torch_train_images_per_sec"] = torch_rows[0]["images_per_s"]
@@ -259,6 +277,14 @@ def _csv(allowed: Sequence[str], flag: str):
     return parse
 
 
+def _layouts(text: str) -> list[str]:
+    items = [s for s in text.split(",") if s]
+    ok = lambda s: s in ("shard_map", "fsdp") or (s[:5] == "fsdp:" and s[5:].isdigit())
+    if not items or not all(map(ok, items)):
+        raise argparse.ArgumentTypeError(f"--layouts={text}: expected shard_map, fsdp, fsdp:K")
+    return items
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -286,7 +312,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="only compile the training steps: compile times and memory, no timings",
     )
-    p.add_argument("--sections", type=_csv(tuple(SECTIONS), "--sections"), default=list(SECTIONS))
+    p.add_argument("--sections", type=_csv(tuple(SECTIONS), "--sections"), default=DEFAULT_SECTIONS)
     p.add_argument("--model", choices=tuple(measure.MODELS), default="cifar10")
     p.add_argument("--batch", type=_positive_int, default=16, help="global training batch")
     p.add_argument(
@@ -322,6 +348,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=_positive_int, default=1, help="timed sampling calls")
     p.add_argument("--matmul-sizes", type=_int_list, default=[2048, 4096])
     p.add_argument("--matmul-repeats", type=_positive_int, default=5)
+    p.add_argument("--layouts", type=_layouts, default=["shard_map", "fsdp"], help="memory")
+    p.add_argument("--fsdp-min-size", type=int, help="memory: config.mesh.fsdp_min_size")
+    p.add_argument("--devices", type=_positive_int, help="simulated CPU devices (CPU only)")
     p.add_argument("--json", metavar="PATH", help="also write the figures and rows as JSON")
     preset = p.parse_known_args(argv)[0].preset
     if preset:
@@ -336,6 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, start = parse_args(argv), time.perf_counter()
     if args.preset == "tiny":  # XLA flags are read when the backend starts: before any work
         add_xla_flags(*TINY_XLA_FLAGS)
+    if args.devices:
+        add_xla_flags(f"--xla_force_host_platform_device_count={args.devices}")
     info = device_info()
     print(
         f"devices: {info['device_count']} x {info['device_kind']} ({info['platform']}), "

@@ -1,4 +1,5 @@
-"""The benchmark's measurements of JAX programs: the matmul peak, the training step, the samplers.
+"""The benchmark's measurements of JAX programs: the matmul peak, the training step, the samplers,
+the memory per parallel layout.
 
 What is measured is exactly what ``experiments.cifar`` runs: :func:`build` turns
 ``experiments.cifar.get_config()``, with the benchmark's overrides (batch, compute dtype, steps
@@ -6,7 +7,8 @@ per call, and for a smaller ``model`` the UNet fields of :data:`MODELS`), into t
 through ``ddpm_jax.builders``; the training step is ``builders.build_train_step`` and sampling
 goes through ``ddpm_jax.generate.Generator``. Weights are random N(0, 0.05²) from the shapes of
 ``jax.eval_shape`` (compiled initialisers take longer than the benchmark on CPU; throughput does
-not depend on the values). The sections (``bench_*``) take the parsed flags of
+not depend on the values); the memory section compiles only, from the abstract state with each
+layout's shardings. The sections (``bench_*``) take the parsed flags of
 ``experiments.benchmark`` and return table rows; that module describes the figures.
 """
 
@@ -22,8 +24,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from ddpm_jax import builders, samplers
+from ddpm_jax import builders, parallel, samplers
 from ddpm_jax import config as config_lib
 from ddpm_jax import state as state_lib
 from ddpm_jax.generate import Generator
@@ -43,6 +47,7 @@ MODELS = {
         "model": dict(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), num_groups=4),
         "data": dict(image_size=8),
     },
+    "large": {"model": dict(ch=512)},  # Ho et al.'s UNet at 4x width: 571M parameters
 }
 MODES = ("scan", "loop")
 
@@ -62,7 +67,15 @@ class Setup(NamedTuple):
     abstract: Any  # the TrainState's ShapeDtypeStructs
 
 
-def build(model: str, *, dtype: str = "float32", batch: int = 16, steps_per_call: int = 1) -> Setup:
+def build(
+    model: str,
+    *,
+    dtype: str = "float32",
+    batch: int = 16,
+    steps_per_call: int = 1,
+    layout: str = "shard_map",
+    fsdp_min_size: int | None = None,
+) -> Setup:
     """``experiments.cifar.get_config()`` with the benchmark's overrides, validated and built.
 
     Args:
@@ -70,6 +83,8 @@ def build(model: str, *, dtype: str = "float32", batch: int = 16, steps_per_call
       dtype: the UNet's compute dtype (``config.model.dtype``).
       batch: the global batch (``config.train.batch_size``), divisible by the device count.
       steps_per_call: ``config.train.steps_per_call``.
+      layout: ``config.parallel``, or ``"fsdp:K"`` (``config.mesh.fsdp = K``).
+      fsdp_min_size: ``config.mesh.fsdp_min_size`` (None: the config's).
 
     Returns:
       The :class:`Setup` of the run, over every device.
@@ -82,6 +97,10 @@ def build(model: str, *, dtype: str = "float32", batch: int = 16, steps_per_call
         config[section].update(fields)
     config.model.dtype = dtype
     config.train.batch_size, config.train.steps_per_call = batch, steps_per_call
+    kind, _, k = layout.partition(":")
+    config.parallel, config.mesh.fsdp = kind, int(k) if k else None
+    if fsdp_min_size is not None:
+        config.mesh.fsdp_min_size = fsdp_min_size
     config_lib.validate(config, device_count=jax.device_count(), process_count=jax.process_count())
     image_shape, num_classes = builders.data_spec(config)
     net = builders.build_model(config, num_classes)
@@ -121,7 +140,7 @@ def train_inputs(s: Setup) -> tuple[Any, dict]:
     params = s.dp.replicate_host(random_params(s.abstract.params))
     state = state_lib.create_train_state(params, s.optimizer)  # eager: replicated like params
     committed = lambda x: x if x.committed else s.dp.replicate_host(np.asarray(x))  # the counts
-    state = s.dp.from_replicated(jax.tree.map(committed, state))
+    state = s.dp.to_step(jax.tree.map(committed, state))
     k, b = s.config.train.steps_per_call, s.config.train.batch_size // jax.process_count()
     rng = np.random.default_rng(1)
     index = (jax.process_index() * b + np.arange(b)).astype(np.int32)
@@ -251,6 +270,41 @@ def bench_train(args) -> list[dict]:
     return rows
 
 
+def bench_memory(args) -> list[dict]:
+    """Per ``--dtype`` and ``--layouts``: the state's bytes per device (from the shardings of
+    ``builders.abstract_state``) and the memory of the compiled training step and of the sharded
+    initialisation (``memory_stats``); compile-only, nothing is allocated."""
+    rows = []
+    for dtype in args.dtype:
+        for layout in args.layouts:
+            s = build(args.model, dtype=dtype, batch=args.batch, layout=layout,
+                      fsdp_min_size=args.fsdp_min_size)  # fmt: skip
+            fn = builders.build_train_step(
+                s.config, s.model, s.schedule, s.optimizer, s.lr_schedule, s.dp
+            )
+            rows_sharding = NamedSharding(s.dp.mesh, P(None, s.dp.batch_axes))
+            shapes = dict(image=(*s.image_shape,), label=(), index=())
+            batch = {
+                k: jax.ShapeDtypeStruct((1, args.batch, *shape), np.float32 if k == "image"
+                                        else np.int32, sharding=rows_sharding)
+                for k, shape in shapes.items()
+            }  # fmt: skip
+            compiled, compile_s = compile_timed(fn, s.abstract, batch)
+            init = builders.init_state_fn(s.config, s.model, s.optimizer, s.image_shape)
+            shardings = jax.tree.map(lambda a: a.sharding, s.abstract)
+            init_memory = memory_stats(jax.jit(init, out_shardings=shardings).lower().compile())
+            state = parallel.state_bytes(s.abstract)
+            rows.append(dict(
+                model=args.model, dtype=dtype, layout=layout, devices=s.dp.num_devices,
+                fsdp=getattr(s.dp, "fsdp", None), batch=args.batch,
+                params_M=sum(p.size for p in jax.tree.leaves(s.abstract.params)) / 1e6,
+                state_mb=state["per_device"] / 2**20, state_total_mb=state["total"] / 2**20,
+                state_replicated_mb=state["replicated"] / 2**20, compile_s=compile_s,
+                init_memory_mb=init_memory.get("step_memory_mb"), **memory_stats(compiled),
+            ))  # fmt: skip
+    return rows
+
+
 def _loop_run(s: Setup, params, method: str, batch: int, num_steps: int, clip_x0):
     """A Python loop over a jitted ``samplers.step`` (plan, N - 1 steps, finish)."""
     shape, key = (batch, *s.image_shape), jax.random.key(0)
@@ -318,6 +372,7 @@ __all__ = [
     "MODES",
     "Setup",
     "bench_matmul",
+    "bench_memory",
     "bench_sampling",
     "bench_train",
     "build",

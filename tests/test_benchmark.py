@@ -162,3 +162,23 @@ def test_accelerator_preset_on_cpu_compiles_and_reports_memory_only(tmp_path):
     assert not timings & set(result) and "matmul_peak_gflop_per_s" not in result
     assert _positive(result["train_step_memory_mb"]) and _positive(result["train_compile_s"])
     assert set(result["train_by_dtype"]) == {"float32", "bfloat16"}
+
+
+def test_memory_section_divides_the_state_over_the_fsdp_axis(tmp_path, capsys):
+    """Compile-only, in this process's 8 simulated devices; one layout (each compiles)."""
+    out = tmp_path / "memory.json"
+    argv = ["--sections", "memory", "--model", "tiny", "--batch", "16", "--layouts", "fsdp"]
+    assert benchmark.main([*argv, "--fsdp-min-size", "256", "--json", str(out)]) == 0
+    with open(out) as f:
+        result = json.load(f)
+    (row,) = result["sections"]["memory"]
+    assert (row["layout"], row["devices"], row["fsdp"]) == ("fsdp", 8, 8)
+    sharded = row["state_total_mb"] - row["state_replicated_mb"]
+    assert 0 < row["state_replicated_mb"] < sharded / 4  # biases and norm scales
+    assert row["state_mb"] == pytest.approx(sharded / 8 + row["state_replicated_mb"])
+    assert row["step_memory_mb"] > row["state_mb"]  # the state, activations, gradients
+    assert row["init_memory_mb"] < 2 * row["state_mb"]  # the whole state never on one device
+    assert result["memory_by_layout"]["fsdp float32"]["state"] == row["state_mb"]
+    assert "== memory ==" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--layouts", "pmap"])

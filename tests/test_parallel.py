@@ -68,7 +68,7 @@ def _train(kind, num_devices, steps_per_call, num_steps=6):
     a sum instead of a mean over devices would hardly show in the parameters.
     """
     dp = parallel.DataParallel(kind, parallel.make_mesh(jax.devices()[:num_devices]))
-    state = dp.from_replicated(dp.replicate_host(_initial_state()))
+    state = dp.to_step(dp.replicate_host(_initial_state()))
     fn = dp.wrap(STEP_FN)
     batches, losses = _batches(num_steps), []
     for start in range(0, num_steps, steps_per_call):
@@ -76,7 +76,7 @@ def _train(kind, num_devices, steps_per_call, num_steps=6):
         state, metrics = fn(state, dp.shard_batch(chunk))
         m = dp.metrics_to_host(metrics)
         losses.append(np.stack([m["loss"], m["grad_norm"]], axis=1))
-    return np.concatenate(losses), jax.device_get(dp.to_replicated(state))
+    return np.concatenate(losses), jax.device_get(dp.from_step(state))
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_steps_per_call_does_not_change_results(shard_map_8):
     assert _max_param_diff(state_1.params, state.params) <= 1e-6
 
 
-@pytest.mark.parametrize("kind", parallel.KINDS)
+@pytest.mark.parametrize("kind", parallel.DataParallel.KINDS)
 def test_each_device_draws_the_noise_of_its_own_global_rows(kind):
     """Every device draws from the keys of the global rows it holds: no key is replicated."""
     dp = parallel.DataParallel(kind)
@@ -127,7 +127,7 @@ def test_each_device_draws_the_noise_of_its_own_global_rows(kind):
         return state, {"t": jax.lax.all_gather(t, parallel.AXIS, tiled=True), "r": row_of_first}
 
     batch = _batches(1)
-    state = dp.from_replicated(dp.replicate_host(np.int32(0)))
+    state = dp.to_step(dp.replicate_host(np.int32(0)))
     _, out = dp.wrap(step_fn, donate=False)(state, dp.shard_batch(batch))
     t = dp.metrics_to_host(out)["t"][0]
     want, _, _ = st.draw_example_randomness(st.example_keys(0, 0, jnp.arange(B)), (1,), T, 0.0)
@@ -135,7 +135,7 @@ def test_each_device_draws_the_noise_of_its_own_global_rows(kind):
     assert len(set(t.tolist())) > B // 2  # not one key per device repeated
 
 
-@pytest.mark.parametrize("kind", parallel.KINDS)
+@pytest.mark.parametrize("kind", parallel.DataParallel.KINDS)
 def test_batch_layout_and_donation(kind):
     dp = parallel.DataParallel(kind)
     rows = np.arange(B, dtype=np.int32)
@@ -146,11 +146,11 @@ def test_batch_layout_and_donation(kind):
         np.testing.assert_array_equal(
             np.asarray(shard.data).reshape(-1), rows[j * per_device : (j + 1) * per_device]
         )
-    state = dp.from_replicated(dp.replicate_host({"w": np.ones(3, np.float32)}))
+    state = dp.to_step(dp.replicate_host({"w": np.ones(3, np.float32)}))
     fn = dp.wrap(lambda s, b: (jax.tree.map(lambda w: w + 1, s), {"n": jnp.float32(0)}))
     new, _ = fn(state, dp.shard_batch({"index": rows[None]}))
     assert state["w"].is_deleted()  # donated
-    np.testing.assert_array_equal(jax.device_get(dp.to_replicated(new))["w"], 2.0)
+    np.testing.assert_array_equal(jax.device_get(dp.from_step(new))["w"], 2.0)
 
 
 def test_unknown_kind_is_rejected():
@@ -182,8 +182,8 @@ def test_cpu_compiler_options_move_convolutions_to_eigen_without_changing_result
 def test_wrapped_step_is_compiled_with_the_compiler_options(monkeypatch):
     """DataParallel.wrap hands parallel.compiler_options to XLA (an invalid value is rejected)."""
     bad = {"xla_cpu_experimental_ynn_fusion_type": "NOT_A_FUSION_TYPE"}
-    monkeypatch.setattr(parallel, "compiler_options", lambda devices=None: bad)
+    monkeypatch.setattr(parallel.layout, "compiler_options", lambda devices=None: bad)
     dp = parallel.DataParallel("shard_map", parallel.make_mesh(jax.devices()[:1]))
-    state = dp.from_replicated(dp.replicate_host(_initial_state()))
+    state = dp.to_step(dp.replicate_host(_initial_state()))
     with pytest.raises(Exception, match="NOT_A_FUSION_TYPE"):
         dp.wrap(STEP_FN).lower(state, dp.shard_batch(_batches(1))).compile()

@@ -1,4 +1,4 @@
-"""Data parallelism over all devices of all processes: one per-device step, two wrappers.
+"""Data parallelism with a replicated state: one per-device step, two wrappers.
 
 A per-device step ``step_fn(state, batch) -> (state, metrics)`` (``ddpm_jax.state``) sees its own
 rows of the batch and averages over the mapped axis ``"data"`` with ``lax.pmean``. Two wrappers
@@ -11,17 +11,14 @@ run it on every device of the job:
   ``jax.pmap`` takes no compiler options, so on CPU it misses :func:`compiler_options`.
 
 Both donate the state and scan ``k`` steps per call (``batch`` leaves have a leading ``[k]``
-axis), which amortises dispatch as in score_sde. In both, the canonical form of a state
-outside the step (for checkpoints and sampling) is a replicated global array
-(:meth:`DataParallel.to_replicated` / :meth:`DataParallel.from_replicated`).
-
-The mesh orders devices by (process, id), so process ``p`` of ``P`` owns rows
-``[p B/P, (p+1) B/P)`` of every global batch, exactly the rows ``ddpm_jax.data`` gives it.
+axis), which amortises dispatch as in score_sde. In both, the state outside the step (for
+checkpoints and sampling) is a replicated global array (:meth:`DataParallel.to_step` /
+:meth:`DataParallel.from_step` convert it for pmap). Every device holds the whole state: 16 bytes
+per float32 parameter (parameters, two Adam moments, EMA); ``ddpm_jax.parallel.fsdp`` shards it.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -30,73 +27,35 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-AXIS = "data"
-KINDS = ("shard_map", "pmap")
+from ddpm_jax.parallel import layout
+from ddpm_jax.parallel.layout import AXIS, Layout, make_mesh
 
 PyTree = Any
 
 
-# XLA's CPU backend (jaxlib 0.10) hands dots, reductions and convolutions to YNNPACK; with the
-# convolutions left to Eigen (its weight gradients above all) the CIFAR-10 UNet's training step
-# ran ~15% faster on 2 cores (experiments/benchmark.py).
-_CPU_COMPILER_OPTIONS = {
-    "xla_cpu_experimental_ynn_fusion_type": (
-        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
-    )
-}
-
-
-@functools.cache
-def _cpu_options_accepted() -> bool:
-    try:  # an XLA without the option rejects it at compile time
-        jax.jit(lambda x: x + 1, compiler_options=_CPU_COMPILER_OPTIONS).lower(1.0).compile()
-    except Exception:  # noqa: BLE001 - any rejection means: compile without the options
-        return False
-    return True
-
-
-def compiler_options(devices=None) -> dict[str, str] | None:
-    """XLA compiler options for programs on ``devices`` (default: all): on CPU, convolutions by
-    Eigen instead of YNNPACK (faster training); None on accelerators or where this XLA does not
-    know the option. Pass to ``jax.jit(..., compiler_options=...)``."""
-    devices = jax.devices() if devices is None else devices
-    if all(d.platform == "cpu" for d in devices) and _cpu_options_accepted():
-        return dict(_CPU_COMPILER_OPTIONS)
-    return None
-
-
-def make_mesh(devices=None) -> Mesh:
-    """A 1-D mesh with axis ``"data"`` over ``devices`` (default: all), ordered by process."""
-    devices = jax.devices() if devices is None else list(devices)
-    devices = sorted(devices, key=lambda d: (d.process_index, d.id))
-    return Mesh(np.array(devices), (AXIS,))
-
-
-class DataParallel:
+class DataParallel(Layout):
     """Runs a per-device step over every device of a mesh with ``shard_map`` or ``pmap``.
 
-    Attributes:
+    Args:
       kind: ``"shard_map"`` or ``"pmap"``.
-      mesh: the 1-D ``"data"`` mesh.
-      num_devices: devices of the job; ``num_local_devices``: of this process.
+      mesh: the 1-D ``"data"`` mesh (default: all devices, :func:`make_mesh`).
+
+    Attributes: those of :class:`~ddpm_jax.parallel.layout.Layout`; ``global_view`` is False
+    (it wraps per-device steps).
     """
 
+    KINDS = ("shard_map", "pmap")
+
     def __init__(self, kind: str = "shard_map", mesh: Mesh | None = None):
-        if kind not in KINDS:
-            raise ValueError(f"parallel={kind!r} is unknown; expected one of {list(KINDS)}")
+        if kind not in self.KINDS:
+            raise ValueError(f"parallel={kind!r} is unknown; expected one of {list(self.KINDS)}")
         self.kind = kind
-        self.mesh = make_mesh() if mesh is None else mesh
-        self.devices = list(self.mesh.devices.flat)
-        self.num_devices = len(self.devices)
-        pid = jax.process_index()
-        self.local_devices = [d for d in self.devices if d.process_index == pid]
-        self.num_local_devices = len(self.local_devices)
-        self.replicated = NamedSharding(self.mesh, P())
+        super().__init__(make_mesh() if mesh is None else mesh, AXIS)
         self._stacked = NamedSharding(self.mesh, P(AXIS))
 
     # ------------------------------------------------------------------ state layout
 
-    def from_replicated(self, state: PyTree) -> PyTree:
+    def to_step(self, state: PyTree) -> PyTree:
         """Replicated global arrays -> the layout the wrapped step takes (``[D, ...]`` for pmap).
 
         Every device's own replica becomes its row (no host transfer, no collective).
@@ -112,7 +71,7 @@ class DataParallel:
 
         return jax.tree.map(stack, state)
 
-    def to_replicated(self, state: PyTree) -> PyTree:
+    def from_step(self, state: PyTree) -> PyTree:
         """The step's layout -> replicated global arrays (``NamedSharding(mesh, P())``).
 
         For pmap the step returns ``[D, ...]`` arrays (process-local ``[local D, ...]`` ones in a
@@ -128,12 +87,6 @@ class DataParallel:
 
         return jax.tree.map(unstack, state)
 
-    def replicate_host(self, tree: PyTree) -> PyTree:
-        """Host (numpy) values, identical on every process -> replicated global arrays."""
-        return jax.tree.map(
-            lambda x: jax.make_array_from_process_local_data(self.replicated, np.asarray(x)), tree
-        )
-
     # ------------------------------------------------------------------ batches
 
     def shard_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -147,19 +100,12 @@ class DataParallel:
           shard_map: ``[k, B, ...]`` sharded on axis 1; pmap: ``[D, k, B / D, ...]`` sharded on
           axis 0. Device ``j`` of the mesh receives global rows ``[j B/D, (j+1) B/D)``.
         """
+        if self.kind != "pmap":
+            return super().shard_batch(local_batch)
 
         def put(x):
-            x = np.asarray(x)
+            x = self._check_rows(x)
             k, local_b = x.shape[:2]
-            if local_b % self.num_local_devices:
-                raise ValueError(
-                    f"local batch of {local_b} rows is not divisible by the "
-                    f"{self.num_local_devices} local devices"
-                )
-            if self.kind == "shard_map":
-                sharding = NamedSharding(self.mesh, P(None, AXIS))
-                shape = (k, local_b * self.num_devices // self.num_local_devices, *x.shape[2:])
-                return jax.make_array_from_process_local_data(sharding, x, shape)
             per = local_b // self.num_local_devices
             x = x.reshape(k, self.num_local_devices, per, *x.shape[2:]).swapaxes(0, 1)
             shape = (self.num_devices, k, per, *x.shape[3:])
@@ -179,9 +125,9 @@ class DataParallel:
           donate: donate the input state's buffers.
 
         Returns:
-          ``fn(state, batch) -> (state, metrics)`` taking the layouts of
-          :meth:`from_replicated` and :meth:`shard_batch`; metric leaves are ``[k]`` (shard_map,
-          replicated) or ``[D, k]`` (pmap); read them with :meth:`metrics_to_host`.
+          ``fn(state, batch) -> (state, metrics)`` taking the layouts of :meth:`to_step` and
+          :meth:`shard_batch`; metric leaves are ``[k]`` (shard_map, replicated) or ``[D, k]``
+          (pmap); read them with :meth:`metrics_to_host`.
         """
 
         def scanned(state, batch):
@@ -201,17 +147,13 @@ class DataParallel:
             # would be psum-ed implicitly and the step's explicit pmean would not average it.
             check_vma=False,
         )
-        options = compiler_options(self.devices)
+        options = layout.compiler_options(self.devices)
         return jax.jit(mapped, donate_argnums=donate_argnums, compiler_options=options)
 
     def metrics_to_host(self, metrics: dict[str, jax.Array]) -> dict[str, np.ndarray]:
         """Metric leaves (identical on every device) -> numpy ``[k]`` from a local device."""
-
-        def get(x):
-            local = np.asarray(x.addressable_shards[0].data)
-            return local[0] if self.kind == "pmap" else local
-
-        return {name: get(x) for name, x in metrics.items()}
+        host = super().metrics_to_host(metrics)
+        return {name: x[0] for name, x in host.items()} if self.kind == "pmap" else host
 
 
-__all__ = ["AXIS", "KINDS", "DataParallel", "compiler_options", "make_mesh"]
+__all__ = ["DataParallel"]

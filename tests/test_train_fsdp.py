@@ -1,0 +1,179 @@
+"""End-to-end tests of ``config.parallel="fsdp"`` on the tiny digits run of ``_train_worker.py``.
+
+Runs are subprocesses that share a JAX compilation cache (each program compiles once): 10 steps,
+checkpoints every 4 steps, leaves of 256 elements or more sharded (``mesh.fsdp_min_size``) so
+that the tiny UNet's kernels are sharded. Three uninterrupted references (shard_map on 8 and on 4
+devices, fsdp on 8) and:
+
+- fsdp = shard_map on 8 devices, and each device holds about 1/8 of the state under fsdp;
+- a checkpoint of fsdp on 8 devices resumes under shard_map on 4, and the reverse;
+- 2 processes x 4 devices (jax.distributed on loopback, gloo) under fsdp = 1 process x 8;
+- sampling from the fsdp run (``runs.load_run``) reproduces the run's own final samples.
+
+Tolerances: the layouts sum the gradient in different orders (float32 rounding only).
+"""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from ddpm_jax import runs
+from ddpm_jax.workdir import FINAL_TAG, run_key
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_train_worker.py")
+COMMON = (
+    "--config.train.num_steps=10",
+    "--config.train.checkpoint_every=4",
+    "--config.mesh.fsdp_min_size=256",
+    "--config.sample.num_samples=0",
+    "--config.sample.grid_size=0",
+)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("jax_compilation_cache"))
+
+
+def _launch(cache_dir, workdir, *args, devices=8, wait=True):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache_dir)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
+    cmd = [sys.executable, WORKER, f"--workdir={workdir}", *COMMON, *args]
+    pipe = subprocess.PIPE
+    proc = subprocess.Popen(cmd, env=env, stdout=pipe, stderr=pipe, text=True)
+    if not wait:
+        return proc
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{out}\n{err[-4000:]}"
+    return out
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return np.array([(m["step"], m["loss"], m["grad_norm"]) for m in map(json.loads, f)])
+
+
+def _params(workdir, step):
+    """A checkpoint's parameters as numpy arrays (whatever layout wrote them)."""
+    path = os.path.join(workdir, "checkpoints", str(step), "default")
+    ckptr = ocp.PyTreeCheckpointer()
+    tree = ckptr.metadata(path).item_metadata.tree
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))["params"]
+
+
+def _max_diff(a, b):
+    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a, b)))
+
+
+def _state_bytes(stdout):
+    """(per device, total, replicated) from the run's "training state" line."""
+    m = re.search(r"([\d,]+) bytes per device of ([\d,]+) \(([\d,]+) replicated", stdout)
+    return tuple(int(g.replace(",", "")) for g in m.groups())
+
+
+def _run(tmp_path_factory, cache_dir, name, *args, devices=8):
+    workdir = str(tmp_path_factory.mktemp("runs") / name)
+    return workdir, _launch(cache_dir, workdir, *args, devices=devices)
+
+
+@pytest.fixture(scope="module")
+def shard_map_8(tmp_path_factory, cache_dir):
+    return _run(tmp_path_factory, cache_dir, "shard_map_8")
+
+
+@pytest.fixture(scope="module")
+def fsdp_8(tmp_path_factory, cache_dir):
+    samples = ("--config.sample.num_samples=16",)  # sampling from sharded EMA parameters
+    return _run(tmp_path_factory, cache_dir, "fsdp_8", "--config.parallel=fsdp", *samples)
+
+
+@pytest.fixture(scope="module")
+def shard_map_4(tmp_path_factory, cache_dir):
+    return _run(tmp_path_factory, cache_dir, "shard_map_4", devices=4)
+
+
+def test_fsdp_equals_shard_map_and_each_device_holds_an_eighth(shard_map_8, fsdp_8):
+    (ref_dir, ref_out), (workdir, out) = shard_map_8, fsdp_8
+    np.testing.assert_allclose(_losses(workdir), _losses(ref_dir), rtol=1e-4)
+    assert len(_losses(workdir)) == 10
+    assert _max_diff(_params(workdir, 10), _params(ref_dir, 10)) < 1e-5
+
+    per_device, total, replicated = _state_bytes(out)  # measured from addressable shards
+    assert _state_bytes(ref_out) == (total, total, total)  # shard_map: all of it everywhere
+    assert replicated < total / 20  # biases and norm scales of the tiny UNet
+    assert per_device <= (total - replicated) / 8 + replicated
+    print(f"\n  fsdp on 8 devices: {per_device:,} of {total:,} bytes ({replicated:,} replicated)")
+
+
+@pytest.mark.parametrize(
+    "saved, resumed", [(("fsdp", 8), ("shard_map", 4)), (("shard_map", 4), ("fsdp", 8))]
+)
+def test_a_checkpoint_resumes_under_another_layout_and_device_count(
+    request, cache_dir, tmp_path, saved, resumed
+):
+    ref_dir, _ = request.getfixturevalue("_".join(map(str, saved)))
+    request.getfixturevalue("_".join(map(str, resumed)))  # compiles the resumed program first
+    workdir = str(tmp_path / "moved")
+    shutil.copytree(ref_dir, workdir)
+    for step in (8, 10):  # only the checkpoint of step 4 is left
+        shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
+    kind, devices = resumed
+    out = _launch(cache_dir, workdir, f"--config.parallel={kind}", devices=devices)
+    assert "resuming from the checkpoint of step 4" in out
+    np.testing.assert_allclose(_losses(workdir), _losses(ref_dir), rtol=1e-4)
+    assert _max_diff(_params(workdir, 10), _params(ref_dir, 10)) < 1e-5
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Two processes compile their own programs side by side (~30 s on 2 idle cores).
+@pytest.mark.slow
+def test_two_processes_equal_one_process_under_fsdp(fsdp_8, cache_dir, tmp_path):
+    """2 processes x 4 devices, the fsdp axis across both (mesh.fsdp = 8), = 1 process x 8."""
+    ref_dir, _ = fsdp_8
+    workdir = str(tmp_path / "two_processes")
+    address = f"127.0.0.1:{_free_port()}"
+    distributed = [f"--coordinator_address={address}", "--num_processes=2"]
+    procs = [
+        _launch(
+            cache_dir,
+            workdir,
+            *distributed,
+            f"--process_id={i}",
+            "--config.parallel=fsdp",
+            devices=4,
+            wait=False,
+        )
+        for i in range(2)
+    ]
+    for p in procs:
+        out, err = p.communicate(timeout=900)
+        assert p.returncode == 0, f"{out}\n{err[-4000:]}"
+    np.testing.assert_allclose(_losses(workdir), _losses(ref_dir), rtol=1e-5)
+    assert _max_diff(_params(workdir, 10), _params(ref_dir, 10)) < 1e-5  # both wrote shards
+
+
+def test_sampling_from_an_fsdp_run_reproduces_its_samples(fsdp_8):
+    workdir, _ = fsdp_8
+    run = runs.load_run(workdir)
+    assert run.dp.kind == "fsdp" and run.dp.num_devices == 8
+    assert all(x.is_fully_replicated for x in jax.tree.leaves(run.ema_params))  # gathered once
+    images, labels = run.generator()(run.ema_params, run_key(run.config.seed, FINAL_TAG), 16)
+    with np.load(os.path.join(workdir, "samples.npz")) as f:
+        np.testing.assert_array_equal(labels, f["labels"])
+        np.testing.assert_array_equal(images, f["images"])
