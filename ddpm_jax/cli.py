@@ -67,6 +67,37 @@ def guarded(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         _fail(str(e), EXIT_DIVERGED)
 
 
+def tool_main(
+    doc: str,
+    define_flags: Callable[[], flags.FlagValues],
+    body: Callable[[flags.FlagValues], Any],
+    argv: Sequence[str] | None = None,
+) -> Any:
+    """The entry of a command with its own absl flags (``experiments.sample``, ``.evaluate``).
+
+    ``--help`` prints ``doc`` and the flags and exits 0; otherwise parses ``argv`` (default
+    ``sys.argv``; a bad flag or a positional argument is a ``UsageError``) and returns
+    ``body(flag_values)``, both under :func:`guarded`.
+    """
+    argv = list(sys.argv if argv is None else argv)
+    if "--help" in argv or "-h" in argv:
+        print(doc)
+        print(define_flags().main_module_help())
+        sys.exit(0)
+
+    def parse_and_run():
+        fv = define_flags()
+        try:
+            extra = fv(argv)[1:]
+        except flags.Error as e:
+            raise UsageError(f"bad command line: {e}") from None
+        if extra:
+            raise UsageError(f"unexpected positional arguments {extra}")
+        return body(fv)
+
+    return guarded(parse_and_run)
+
+
 def _define_flags(config: ml_collections.ConfigDict, argv: Sequence[str]) -> flags.FlagValues:
     fv = flags.FlagValues()
     flags.DEFINE_string("workdir", None, "Work directory (created; resumed from).", flag_values=fv)

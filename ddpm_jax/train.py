@@ -262,9 +262,10 @@ class Trainer:
             path = self._final_samples(self.dp.from_step(state), overwrite=True)
             status = "preempted" if self.preemption.requested else status
         if status == "completed":
+            samples = f"; samples: {path}" if path else ""
             log(
                 f"done: {step} steps. metrics: {self.metrics_path}; sample grids: "
-                f"{self.workdir}/samples/; samples: {path}; checkpoints: {self.ckpt.directory}"
+                f"{self.workdir}/samples/{samples}; checkpoints: {self.ckpt.directory}"
             )
         ema = self.dp.gather(self.dp.from_step(state).ema_params)
         return RunResult(status, step, self.workdir, self.metrics_path, path, ema)

@@ -31,7 +31,6 @@ offline, data that is not prepared on a cache miss) is ONE line on stderr with e
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Sequence
 
 from absl import flags
@@ -74,27 +73,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     Exits with code 2 and one line on stderr on a user's mistake (``ddpm_jax.cli.guarded``).
     """
-    argv = list(sys.argv if argv is None else argv)
-    if "--help" in argv or "-h" in argv:
-        print(__doc__)
-        print(_define_flags().main_module_help())
-        sys.exit(0)
-    return cli.guarded(_main, argv)
+    return cli.tool_main(__doc__, _define_flags, _main, argv)
 
 
-def _parse(argv: list[str]) -> flags.FlagValues:
-    fv = _define_flags()
-    try:
-        extra = fv(argv)[1:]
-    except flags.Error as e:
-        raise UsageError(f"bad command line: {e}") from None
-    if extra:
-        raise UsageError(f"unexpected positional arguments {extra}")
-    return fv
-
-
-def _main(argv: list[str]) -> dict:
-    fv = _parse(argv)
+def _main(fv: flags.FlagValues) -> dict:
 
     from ddpm_jax.evaluation import evaluate as ev
     from ddpm_jax.evaluation import report

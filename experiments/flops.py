@@ -7,8 +7,8 @@
   numerator of the usual "MFU".
 - :func:`forward_flops`: the convolution and matmul FLOPs of the network as implemented, counted
   from the jaxpr of its forward pass (:func:`jaxpr_matmul_flops`). It equals the closed form
-  except for the upsampling convolutions, which ``layers.upsample_conv`` computes with 4/9 of
-  the textbook multiply-adds.
+  except for the upsampling convolutions, which the CPU kernels of ``ops.upsample_conv`` compute
+  with 4/9 of the textbook multiply-adds.
 - :func:`xla_flops`: XLA's cost analysis of a compiled executable (XLA also skips padding taps
   and adds elementwise work).
 

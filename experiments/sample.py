@@ -22,7 +22,6 @@ mistake is one line on stderr with exit code 2.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -52,25 +51,7 @@ def _define_flags() -> flags.FlagValues:
 
 def main(argv: Sequence[str] | None = None) -> str:
     """Parses flags, samples and writes ``samples.npz`` and ``samples.png``; returns ``OUT``."""
-    argv = list(sys.argv if argv is None else argv)
-    if "--help" in argv or "-h" in argv:
-        print(__doc__)
-        print(_define_flags().main_module_help())
-        sys.exit(0)
-    return cli.guarded(_main, argv)
-
-
-def _parse(argv: list[str]) -> flags.FlagValues:
-    fv = _define_flags()
-    try:
-        extra = fv(argv)[1:]
-    except flags.Error as e:
-        raise UsageError(f"bad command line: {e}") from None
-    if extra:
-        raise UsageError(f"unexpected positional arguments {extra}")
-    if fv.num_samples < 1:
-        raise UsageError(f"--num_samples={fv.num_samples} must be >= 1")
-    return fv
+    return cli.tool_main(__doc__, _define_flags, _main, argv)
 
 
 def _conditioning(run, fv) -> dict:
@@ -96,8 +77,9 @@ def _conditioning(run, fv) -> dict:
     return dict(labels=np.resize(np.asarray(labels, np.int32), n))
 
 
-def _main(argv: list[str]) -> str:
-    fv = _parse(argv)
+def _main(fv: flags.FlagValues) -> str:
+    if fv.num_samples < 1:
+        raise UsageError(f"--num_samples={fv.num_samples} must be >= 1")
 
     import jax
 

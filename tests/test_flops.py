@@ -37,7 +37,7 @@ MODELS = {
 def test_closed_form_equals_the_jaxpr_count_up_to_the_upsampling(name):
     """The closed form of the architecture equals the count of the network's jaxpr, except for
     the upsampling convolutions, which the network computes with 4/9 of the multiply-adds
-    (layers.upsample_conv)."""
+    (ops.upsample_conv)."""
     fields, size, upsample = MODELS[name]
     shape = (*size, 3) if isinstance(size, tuple) else (size, size, 3)
     model = UNet(**fields)

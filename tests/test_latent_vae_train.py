@@ -1,4 +1,4 @@
-"""Tests for ddpm_jax.vae_train: the autoencoder loss and training loop."""
+"""Tests for ddpm_jax.latent.vae_train: the autoencoder loss and training loop."""
 
 import jax
 import jax.numpy as jnp

@@ -22,7 +22,8 @@ For latent diffusion the autoencoder is frozen and latents are multiplied by ``s
 :func:`estimate_scale_factor`, i.e. 1 / std of the latents, as in Rombach et al. Sec. 4.3.2)
 so that the diffusion model sees latents of roughly unit variance.
 
-Training helpers (reconstruction + KL loss, a small optax loop) live in :mod:`ddpm_jax.vae_train`.
+Training helpers (reconstruction + KL loss, a small optax loop) live in
+:mod:`ddpm_jax.latent.vae_train`.
 """
 
 from __future__ import annotations
