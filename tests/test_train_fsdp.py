@@ -13,23 +13,20 @@ devices, fsdp on 8) and:
 Tolerances: the layouts sum the gradient in different orders (float32 rounding only).
 """
 
-import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 
+import _worker_runs as wr
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from ddpm_jax import runs
 from ddpm_jax.workdir import FINAL_TAG, run_key
 
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_train_worker.py")
 COMMON = (
     "--config.train.num_steps=10",
     "--config.train.checkpoint_every=4",
@@ -48,7 +45,7 @@ def _launch(cache_dir, workdir, *args, devices=8, wait=True):
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache_dir)
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
     env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
-    cmd = [sys.executable, WORKER, f"--workdir={workdir}", *COMMON, *args]
+    cmd = [sys.executable, wr.WORKER, f"--workdir={workdir}", *COMMON, *args]
     pipe = subprocess.PIPE
     proc = subprocess.Popen(cmd, env=env, stdout=pipe, stderr=pipe, text=True)
     if not wait:
@@ -56,24 +53,6 @@ def _launch(cache_dir, workdir, *args, devices=8, wait=True):
     out, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{out}\n{err[-4000:]}"
     return out
-
-
-def _losses(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return np.array([(m["step"], m["loss"], m["grad_norm"]) for m in map(json.loads, f)])
-
-
-def _params(workdir, step):
-    """A checkpoint's parameters as numpy arrays (whatever layout wrote them)."""
-    path = os.path.join(workdir, "checkpoints", str(step), "default")
-    ckptr = ocp.PyTreeCheckpointer()
-    tree = ckptr.metadata(path).item_metadata.tree
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))["params"]
-
-
-def _max_diff(a, b):
-    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a, b)))
 
 
 def _state_bytes(stdout):
@@ -105,9 +84,9 @@ def shard_map_4(tmp_path_factory, cache_dir):
 
 def test_fsdp_equals_shard_map_and_each_device_holds_an_eighth(shard_map_8, fsdp_8):
     (ref_dir, ref_out), (workdir, out) = shard_map_8, fsdp_8
-    np.testing.assert_allclose(_losses(workdir), _losses(ref_dir), rtol=1e-4)
-    assert len(_losses(workdir)) == 10
-    assert _max_diff(_params(workdir, 10), _params(ref_dir, 10)) < 1e-5
+    np.testing.assert_allclose(wr.losses(workdir), wr.losses(ref_dir), rtol=1e-4)
+    assert len(wr.losses(workdir)) == 10
+    assert wr.max_diff(wr.params(workdir, 10), wr.params(ref_dir, 10)) < 1e-5
 
     per_device, total, replicated = _state_bytes(out)  # measured from addressable shards
     assert _state_bytes(ref_out) == (total, total, total)  # shard_map: all of it everywhere
@@ -131,14 +110,8 @@ def test_a_checkpoint_resumes_under_another_layout_and_device_count(
     kind, devices = resumed
     out = _launch(cache_dir, workdir, f"--config.parallel={kind}", devices=devices)
     assert "resuming from the checkpoint of step 4" in out
-    np.testing.assert_allclose(_losses(workdir), _losses(ref_dir), rtol=1e-4)
-    assert _max_diff(_params(workdir, 10), _params(ref_dir, 10)) < 1e-5
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    np.testing.assert_allclose(wr.losses(workdir), wr.losses(ref_dir), rtol=1e-4)
+    assert wr.max_diff(wr.params(workdir, 10), wr.params(ref_dir, 10)) < 1e-5
 
 
 # Two processes compile their own programs side by side (~30 s on 2 idle cores).
@@ -147,7 +120,7 @@ def test_two_processes_equal_one_process_under_fsdp(fsdp_8, cache_dir, tmp_path)
     """2 processes x 4 devices, the fsdp axis across both (mesh.fsdp = 8), = 1 process x 8."""
     ref_dir, _ = fsdp_8
     workdir = str(tmp_path / "two_processes")
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{wr.free_port()}"
     distributed = [f"--coordinator_address={address}", "--num_processes=2"]
     procs = [
         _launch(
@@ -164,8 +137,8 @@ def test_two_processes_equal_one_process_under_fsdp(fsdp_8, cache_dir, tmp_path)
     for p in procs:
         out, err = p.communicate(timeout=900)
         assert p.returncode == 0, f"{out}\n{err[-4000:]}"
-    np.testing.assert_allclose(_losses(workdir), _losses(ref_dir), rtol=1e-5)
-    assert _max_diff(_params(workdir, 10), _params(ref_dir, 10)) < 1e-5  # both wrote shards
+    np.testing.assert_allclose(wr.losses(workdir), wr.losses(ref_dir), rtol=1e-5)
+    assert wr.max_diff(wr.params(workdir, 10), wr.params(ref_dir, 10)) < 1e-5  # both wrote shards
 
 
 def test_sampling_from_an_fsdp_run_reproduces_its_samples(fsdp_8):

@@ -22,6 +22,14 @@ def test_atomic_open_replaces_the_file_or_leaves_it_untouched(tmp_path):
     assert sorted(os.listdir(path.parent)) == ["file.txt"]  # no temporary left behind
 
 
+def test_atomic_writes_get_the_permissions_of_an_ordinary_file(tmp_path):
+    """Not mkstemp's 0o600: a run's files are readable by whoever may read the directory."""
+    ordinary = tmp_path / "ordinary.txt"
+    ordinary.write_text("x")
+    workdir.write_json(tmp_path / "a.json", {})
+    assert os.stat(tmp_path / "a.json").st_mode & 0o777 == os.stat(ordinary).st_mode & 0o777
+
+
 def test_json_and_npz_round_trip(tmp_path):
     workdir.write_json(tmp_path / "a.json", {"b": 1, "a": [1.5, None]})
     assert workdir.read_json(tmp_path / "a.json") == {"a": [1.5, None], "b": 1}

@@ -1,0 +1,63 @@
+"""Helpers of the end-to-end tests that run ``tests/_train_worker.py`` in subprocesses."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_train_worker.py")
+
+
+def launch(cache_dir, workdir, *args, devices=8, wait=True):
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
+    env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
+    cmd = [sys.executable, WORKER, f"--workdir={workdir}", *args]
+    if not wait:
+        pipe = subprocess.PIPE
+        return subprocess.Popen(cmd, env=env, stdout=pipe, stderr=pipe, text=True)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def check_ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+
+
+def metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(workdir):
+    return np.array([(m["step"], m["loss"], m["grad_norm"]) for m in metrics(workdir)])
+
+
+def checkpoint_steps(workdir):
+    return sorted(int(p) for p in os.listdir(os.path.join(workdir, "checkpoints")) if p.isdigit())
+
+
+def params(workdir, step):
+    """The parameters of a checkpoint as numpy arrays (whatever devices wrote it)."""
+    path = os.path.join(workdir, "checkpoints", str(step), "default")
+    ckptr = ocp.PyTreeCheckpointer()
+    tree = ckptr.metadata(path).item_metadata.tree
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))["params"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def max_diff(a, b):
+    """The largest absolute difference between two pytrees of arrays."""
+    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a, b)))
