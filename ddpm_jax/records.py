@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import sys
 import time
 
 import numpy as np
@@ -42,7 +43,7 @@ class RunRecords:
             return
         self.metrics.cut(start_step)
         try:
-            from tensorboardX import SummaryWriter
+            SummaryWriter = _summary_writer_class()
         except ImportError:
             warn("tensorboardX is not installed: no TensorBoard event files (metrics.jsonl only)")
             return
@@ -73,6 +74,26 @@ class RunRecords:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def _summary_writer_class():
+    """``tensorboardX.SummaryWriter``, imported without PyTorch.
+
+    tensorboardX imports torch whenever it is installed (only to accept torch tensors; the runs
+    write NumPy): 3-4 s and a second framework's memory at the start of every run. Hiding torch
+    from the import makes tensorboardX take its no-torch path; a process that already imported
+    torch keeps it.
+    """
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # ``import torch`` raises ImportError while this is set
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 __all__ = ["TENSORBOARD_DIR", "RunRecords"]
