@@ -23,6 +23,7 @@ Usage: ``python -m experiments.latent_digits --workdir=/tmp/latent_digits [--con
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -97,7 +98,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = Fals
     """Trains (or resumes) and writes the per-prompt grids, ``samples.npz`` and metrics.
 
     SIGTERM in any phase (autoencoder, diffusion, sampling) stops it with nothing final written
-    (the training state is saved); the same command then resumes. Returns the metrics, or None.
+    (the training state is saved); the same command then resumes. A finished run (its metrics
+    written) only reports it. Returns the metrics, or None.
     """
     t0 = time.time()
     log = lambda msg: print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
@@ -119,6 +121,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = Fals
         )
         if latent_run is None:
             return None
+        metrics_path = os.path.join(workdir, "latent_metrics.json")
+        if latent_run.result.status == "already_complete" and os.path.exists(metrics_path):
+            log(f"already finished: samples and metrics in {workdir}")  # written last
+            with open(metrics_path) as f:
+                return json.load(f)
         t_train = time.time() - t0
         stop = lambda: preemption.requested
         samples = prompts.sample_prompt_images(config, latent_run, all_prompts, should_stop=stop)
@@ -134,7 +141,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = Fals
     )
     metrics["per_prompt_accuracy"] = dict(zip(all_prompts, metrics.pop("per_prompt"), strict=True))
     if is_writer():
-        write_json(os.path.join(workdir, "latent_metrics.json"), metrics)
+        write_json(metrics_path, metrics)
     log(
         f"held-out VAE MAE {metrics['vae_heldout_mae_01']:.4f} (images in [0, 1]); class accuracy "
         f"with guidance {config.sample.guidance_scale}: "

@@ -13,17 +13,22 @@ import orbax.checkpoint as ocp
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_train_worker.py")
 
 
+def env(cache_dir, devices=8):
+    """The environment of a subprocess run: the session's XLA flags (conftest.py) with
+    ``devices`` simulated CPU devices, and the session's compilation cache."""
+    out = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache_dir)
+    flags = [f for f in out.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    out["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
+    return out
+
+
 def launch(cache_dir, workdir, *args, devices=8, wait=True):
-    env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
-    env["JAX_PLATFORMS"] = "cpu"
-    env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
+    env_ = env(cache_dir, devices)
     cmd = [sys.executable, WORKER, f"--workdir={workdir}", *args]
     if not wait:
         pipe = subprocess.PIPE
-        return subprocess.Popen(cmd, env=env, stdout=pipe, stderr=pipe, text=True)
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        return subprocess.Popen(cmd, env=env_, stdout=pipe, stderr=pipe, text=True)
+    return subprocess.run(cmd, env=env_, capture_output=True, text=True, timeout=900)
 
 
 def check_ok(proc):

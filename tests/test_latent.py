@@ -87,7 +87,7 @@ def test_latent_shapes_and_scale_factor(vae_setup):
     mean, _ = jax.jit(lambda v: vae.apply(params, v, method=AutoencoderKL.encode))(x)
     mean = np.asarray(mean, np.float64)
     np.testing.assert_allclose(scale, 1.0 / mean.std(), rtol=1e-5)
-    np.testing.assert_allclose(latents, mean * scale, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(latents, mean * scale, rtol=1e-5, atol=1e-5)  # batch sizes differ
     np.testing.assert_allclose(latents.std(), 1.0, rtol=1e-4)
     # A given scale factor is used as is; the decoder inverts the scaling.
     latents2, scale2 = frozen_vae.encode_latents(vae, params, x, scale_factor=2.0)
@@ -332,16 +332,15 @@ def test_latent_digits_end_to_end(latent_run):
 def test_latent_run_resumes_with_the_trained_vae_and_loads_for_sampling(latent_run, capsys):
     from experiments import latent_digits
 
-    workdir, _ = latent_run
-    before = (workdir / "vae.msgpack").read_bytes()
-    with np.load(workdir / "samples.npz") as f:
-        first = f["images"]
-    latent_digits.main(_tiny_latent_flags(workdir))
+    workdir, metrics = latent_run
+    outputs = ("vae.msgpack", "samples.npz", "latent_metrics.json")
+    before = {name: (workdir / name).stat().st_mtime_ns for name in outputs}
+    again = latent_digits.main(_tiny_latent_flags(workdir))  # the same command, run finished
     out = capsys.readouterr().out
     assert "loaded the frozen autoencoder" in out and "training already finished" in out
-    assert (workdir / "vae.msgpack").read_bytes() == before
-    with np.load(workdir / "samples.npz") as f:
-        np.testing.assert_array_equal(f["images"], first)
+    assert "already finished: samples and metrics" in out
+    assert {name: (workdir / name).stat().st_mtime_ns for name in outputs} == before
+    assert again == json.loads(json.dumps(metrics))  # the saved metrics
 
     run = runs.load_run(workdir)  # from config.json, latent.json and vae.msgpack alone
     assert run.step == 4 and run.image_shape == (8, 8, 4) and run.decode_fn is not None

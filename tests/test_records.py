@@ -1,6 +1,9 @@
 """Tests of ddpm_jax.records: metrics.jsonl and TensorBoard event files agree, and a resumed run
 never records a step twice (read back with TensorBoard's own event reader)."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -49,3 +52,20 @@ def test_a_resumed_run_records_no_step_twice(tmp_path):
     assert scalars["loss"] == want
     assert [(r["step"], r["loss"]) for r in resumed.metrics.read()] == want
     assert images.get("samples", []) == []  # the grid of step 6 was purged with the steps > 4
+
+
+def test_tensorboard_records_do_not_import_torch(tmp_path):
+    """tensorboardX imports torch whenever it is installed; a run's records must not (seconds at
+    every start). A fresh interpreter, as a run starts."""
+    pytest.importorskip("torch")
+    code = (
+        "import sys, numpy as np; from ddpm_jax.records import RunRecords; "
+        f"r = RunRecords({str(tmp_path)!r}, 0); r.scalars({{'step': 1, 'loss': 1.0}}); "
+        "r.image('samples', np.zeros((9, 9, 1), np.uint8), 1); r.close(); "
+        "assert r.metrics.read() and 'tensorboardX' in sys.modules; print('torch' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "False"
+    scalars, images = read_tensorboard(tmp_path / "tensorboard")
+    assert scalars == {"loss": [(1, 1.0)]} and images == {"samples": [1]}

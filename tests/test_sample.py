@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import _train_worker as worker
+import _worker_runs as wr
 import numpy as np
 import pytest
 
@@ -26,20 +27,19 @@ def run_dir(tmp_path_factory):
     return workdir
 
 
-def _sample_subprocess(devices, *args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+def _sample_subprocess(cache_dir, devices, *args):
+    env = wr.env(cache_dir, devices)
     cmd = [sys.executable, "-m", "experiments.sample", *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_samples_of_a_run_are_its_samples_on_any_device_count(run_dir, tmp_path):
+def test_samples_of_a_run_are_its_samples_on_any_device_count(run_dir, cache_dir, tmp_path):
     with np.load(os.path.join(run_dir, "samples.npz")) as f:
         want, want_labels = f["images"], f["labels"]
     for devices in (1, 3, 8):
         out = str(tmp_path / f"d{devices}")
         proc = _sample_subprocess(
-            devices, f"--workdir={run_dir}", "--num_samples=16", f"--out={out}"
+            cache_dir, devices, f"--workdir={run_dir}", "--num_samples=16", f"--out={out}"
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"({devices} devices)" in proc.stdout and "sampling 16 images" in proc.stdout

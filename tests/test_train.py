@@ -1,8 +1,9 @@
 """End-to-end tests of the run loop (ddpm_jax.train via ddpm_jax.cli) on a tiny digits model.
 
 Runs are subprocesses of ``tests/_train_worker.py`` (8 simulated CPU devices unless stated) that
-share a JAX compilation cache, so only the first run of each program compiles. One uninterrupted
-reference run (12 steps, checkpoints every 4, every step logged) is compared with two processes
+share the session's JAX compilation cache, so only the first run of each program compiles. The
+uninterrupted reference run of conftest.py (12 steps, checkpoints every 4, every step logged) is
+checked, and compared with two processes
 with 4 devices each (``jax.distributed`` on loopback). Also: a non-finite loss, TensorBoard
 records through a kill, and the digits recipe with dropout on 1 and 4 devices. Resuming after
 faults is in ``test_resume.py``.
@@ -29,22 +30,9 @@ from ddpm_jax import cli, train
 NUM_STEPS = 12
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("jax_compilation_cache"))
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache_dir):
-    workdir = str(tmp_path_factory.mktemp("runs") / "reference")
-    proc = wr.launch(cache_dir, workdir, "--config.train.sample_every=6")
-    wr.check_ok(proc)
-    return workdir, proc
-
-
 def test_uninterrupted_run_writes_every_output(reference, capsys):
-    workdir, proc = reference
-    assert "done: 12 steps" in proc.stdout
+    workdir, stdout = reference
+    assert "done: 12 steps" in stdout
     config = json.load(open(os.path.join(workdir, "config.json")))
     assert config["train"]["num_steps"] == NUM_STEPS and config["data"]["name"] == "digits"
     metrics = wr.metrics(workdir)
@@ -205,8 +193,7 @@ def test_the_digits_recipe_with_dropout_is_the_same_run_on_1_and_4_devices(cache
     args += ["--config.train.sample_every=0", "--config.eval.every=0"]
     losses = []
     for devices in (1, 4):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache_dir)
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        env = wr.env(cache_dir, devices)
         workdir = str(tmp_path / f"d{devices}")
         cmd = [sys.executable, "-m", "experiments.digits", f"--workdir={workdir}", *args]
         repo = os.path.dirname(os.path.dirname(wr.WORKER))

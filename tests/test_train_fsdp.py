@@ -36,15 +36,8 @@ COMMON = (
 )
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("jax_compilation_cache"))
-
-
 def _launch(cache_dir, workdir, *args, devices=8, wait=True):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache_dir)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
+    env = wr.env(cache_dir, devices)
     cmd = [sys.executable, wr.WORKER, f"--workdir={workdir}", *COMMON, *args]
     pipe = subprocess.PIPE
     proc = subprocess.Popen(cmd, env=env, stdout=pipe, stderr=pipe, text=True)
