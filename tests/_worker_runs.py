@@ -31,6 +31,35 @@ def launch(cache_dir, workdir, *args, devices=8, wait=True):
     return subprocess.run(cmd, env=env_, capture_output=True, text=True, timeout=900)
 
 
+def run_processes(cache_dir, workdir, *args, num_processes=2, devices=4):
+    """One run as ``num_processes`` processes of ``devices`` devices each (``jax.distributed`` on
+    loopback); waits for all (killed after 10 minutes: no hang), each must exit 0. Returns
+    their (stdout, stderr)."""
+    address = f"127.0.0.1:{free_port()}"
+    distributed = [f"--coordinator_address={address}", f"--num_processes={num_processes}"]
+    procs = [
+        launch(
+            cache_dir,
+            workdir,
+            *distributed,
+            f"--process_id={i}",
+            *args,
+            devices=devices,
+            wait=False,
+        )
+        for i in range(num_processes)
+    ]
+    try:
+        outs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, f"{out}\n{err[-4000:]}"
+    return outs
+
+
 def check_ok(proc):
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
 

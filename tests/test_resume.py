@@ -177,24 +177,8 @@ def test_two_processes_agree_on_the_checkpoint_to_restore(reference, cache_dir, 
     workdir = str(tmp_path / "agree")
     shutil.copytree(ref_dir, workdir)
     os.remove(os.path.join(workdir, "samples.npz"))
-    address = f"127.0.0.1:{wr.free_port()}"
-    procs = [
-        wr.launch(
-            cache_dir,
-            workdir,
-            f"--coordinator_address={address}",
-            "--num_processes=2",
-            f"--process_id={i}",
-            "--unreadable_on_process=1:12",
-            "--config.sample.num_samples=0",
-            devices=4,
-            wait=False,
-        )
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, f"{out}\n{err[-4000:]}"
+    args = ["--unreadable_on_process=1:12", "--config.sample.num_samples=0"]
+    outs = wr.run_processes(cache_dir, workdir, *args)
     assert "resuming from the checkpoint of step 8" in outs[0][0]
     assert "checkpoint 12" in outs[0][1] and "moved to" in outs[0][1]
     np.testing.assert_allclose(wr.losses(workdir), wr.losses(ref_dir), rtol=1e-5)

@@ -79,31 +79,13 @@ def test_two_processes_equal_one_process(reference, cache_dir, tmp_path, kind):
     """2 processes x 4 devices (jax.distributed on loopback, gloo) = 1 process x 8 devices."""
     ref_dir, _ = reference
     workdir = str(tmp_path / "two_processes")
-    address = f"127.0.0.1:{wr.free_port()}"
-    distributed = [f"--coordinator_address={address}", "--num_processes=2"]
+    args = [f"--config.parallel={kind}"]
     if kind == "pmap":  # the sampler's multi-process path is covered by the shard_map variant
-        distributed.append("--config.sample.num_samples=0")
-    procs = [
-        wr.launch(
-            cache_dir,
-            workdir,
-            *distributed,
-            f"--process_id={i}",
-            f"--config.parallel={kind}",
-            devices=4,
-            wait=False,
-        )
-        for i in range(2)
-    ]
-    for p in procs:
-        out, err = p.communicate(timeout=900)
-        assert p.returncode == 0, f"{out}\n{err[-4000:]}"
+        args.append("--config.sample.num_samples=0")
+    wr.run_processes(cache_dir, workdir, *args)
     # Reduction order differs (gloo all-reduce across processes): float32 rounding only.
     np.testing.assert_allclose(wr.losses(workdir), wr.losses(ref_dir), rtol=1e-5)
-    diff = jax.tree.map(
-        lambda a, b: float(np.max(np.abs(a - b))), wr.params(workdir, 12), wr.params(ref_dir, 12)
-    )
-    assert max(jax.tree.leaves(diff)) < 1e-5
+    assert wr.max_diff(wr.params(workdir, 12), wr.params(ref_dir, 12)) < 1e-5
     if kind == "pmap":
         return
     with np.load(f"{workdir}/samples.npz") as a, np.load(f"{ref_dir}/samples.npz") as b:

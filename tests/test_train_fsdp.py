@@ -16,8 +16,6 @@ Tolerances: the layouts sum the gradient in different orders (float32 rounding o
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import _worker_runs as wr
 import jax
@@ -36,16 +34,11 @@ COMMON = (
 )
 
 
-def _launch(cache_dir, workdir, *args, devices=8, wait=True):
-    env = wr.env(cache_dir, devices)
-    cmd = [sys.executable, wr.WORKER, f"--workdir={workdir}", *COMMON, *args]
-    pipe = subprocess.PIPE
-    proc = subprocess.Popen(cmd, env=env, stdout=pipe, stderr=pipe, text=True)
-    if not wait:
-        return proc
-    out, err = proc.communicate(timeout=900)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{out}\n{err[-4000:]}"
-    return out
+def _launch(cache_dir, workdir, *args, devices=8):
+    """The stdout of a run with the COMMON flags (which must succeed)."""
+    proc = wr.launch(cache_dir, workdir, *COMMON, *args, devices=devices)
+    wr.check_ok(proc)
+    return proc.stdout
 
 
 def _state_bytes(stdout):
@@ -113,23 +106,7 @@ def test_two_processes_equal_one_process_under_fsdp(fsdp_8, cache_dir, tmp_path)
     """2 processes x 4 devices, the fsdp axis across both (mesh.fsdp = 8), = 1 process x 8."""
     ref_dir, _ = fsdp_8
     workdir = str(tmp_path / "two_processes")
-    address = f"127.0.0.1:{wr.free_port()}"
-    distributed = [f"--coordinator_address={address}", "--num_processes=2"]
-    procs = [
-        _launch(
-            cache_dir,
-            workdir,
-            *distributed,
-            f"--process_id={i}",
-            "--config.parallel=fsdp",
-            devices=4,
-            wait=False,
-        )
-        for i in range(2)
-    ]
-    for p in procs:
-        out, err = p.communicate(timeout=900)
-        assert p.returncode == 0, f"{out}\n{err[-4000:]}"
+    wr.run_processes(cache_dir, workdir, *COMMON, "--config.parallel=fsdp")
     np.testing.assert_allclose(wr.losses(workdir), wr.losses(ref_dir), rtol=1e-5)
     assert wr.max_diff(wr.params(workdir, 10), wr.params(ref_dir, 10)) < 1e-5  # both wrote shards
 
