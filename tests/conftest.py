@@ -7,8 +7,9 @@ The tests run many tiny programs a few times each, so compiling is most of their
   times (the digits recipe's training step: 17 s -> 9 s). XLA's own HLO passes (fusion,
   simplification) run as usual; only the machine code is less optimised.
 - One persistent compilation cache per session (a fresh directory, inherited by the
-  pytest-xdist workers and by the subprocesses the tests start): a program compiles once in the
-  whole session, whichever test compiles it first.
+  pytest-xdist workers and by the subprocesses the tests start), holding every compiled
+  program however short its compilation: a program compiles once in the whole session,
+  whichever test compiles it first.
 
 The subprocesses get the same flags (``_worker_runs.env``), so their numbers are comparable to
 in-process runs bit for bit.
