@@ -1,4 +1,4 @@
-"""Orbax checkpoints of the training state that never lose work, and preemption notices.
+"""Orbax checkpoints of the training state that never lose work.
 
 :class:`Checkpointer` wraps an ``ocp.CheckpointManager``:
 
@@ -14,18 +14,13 @@
 
 Every process must call every method (Orbax and the restore agreement synchronise them); only
 process 0 writes the shared metadata and moves damaged checkpoints.
-
-:class:`PreemptionGuard` turns SIGTERM into a stop request that every process sees at the same
-step, so that the run loop can save and exit cleanly.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from typing import Any
 
@@ -284,53 +279,4 @@ def _shapes(tree: PyTree) -> dict[str, tuple]:
     }
 
 
-class PreemptionGuard:
-    """SIGTERM -> a stop request, agreed on by all processes (a context manager).
-
-    Single process: a Python SIGTERM handler sets a flag (installed on entry, the previous
-    handler restored on exit; only from the main thread). Several processes: JAX's preemption
-    service, which ``jax.distributed.initialize`` starts and which catches SIGTERM itself, makes
-    every process see the request at the same step.
-
-    Call :meth:`reached` with the same, increasing step on every process after each training call.
-    Guards nest (a run's whole lifetime around each phase's loop): a notice reaches every guard
-    that is active, and a guard entered after a notice starts requested.
-    """
-
-    def __init__(self):
-        self.requested = False
-        self._multi = jax.process_count() > 1
-        self._previous = None
-
-    def __enter__(self) -> PreemptionGuard:
-        if not self._multi and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handler)
-            outer = self._outer()
-            self.requested = outer is not None and outer.requested
-        return self
-
-    def _outer(self) -> PreemptionGuard | None:
-        outer = getattr(self._previous, "__self__", None)
-        return outer if isinstance(outer, PreemptionGuard) else None
-
-    def _handler(self, signum, frame) -> None:
-        self.requested = True
-        if self._outer() is not None:
-            self._previous(signum, frame)
-
-    def reached(self, step: int) -> bool:
-        """Whether to save and stop after ``step``."""
-        if not self._multi:
-            return self.requested
-        try:
-            return multihost_utils.reached_preemption_sync_point(step)
-        except RuntimeError:  # the preemption service is disabled
-            return False
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
-
-
-__all__ = ["Checkpointer", "PreemptionGuard"]
+__all__ = ["Checkpointer"]

@@ -202,11 +202,10 @@ def main(
         print(__doc__)
         print(f"The config (defaults of this experiment):\n{get_config()}")
         sys.exit(0)
+    fv = _define_flags(get_config(), argv)  # an error here is the experiment's bug
     try:
-        config = get_config()
-        fv = _define_flags(config, argv)
         extra = fv(argv)[1:]
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    except flags.Error as e:  # config_flags reports bad --config.* overrides as flags.Error
         _fail(f"bad command line: {e}")
     if extra:
         _fail(f"unexpected positional arguments {extra}")
@@ -217,11 +216,13 @@ def _run(fv: flags.FlagValues, run_fn) -> Any:
     from ddpm_jax import config as config_lib
     from ddpm_jax import train, workdir
 
-    workdir.check_workdir(fv.workdir)
+    path = workdir.check_workdir(fv.workdir)
     config_lib.validate(fv.config)  # without devices first: no JAX backend needed yet
+    config_lib.check_paths(fv.config)
     initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id, fv.distributed)
     run_fn = train.run if run_fn is None else run_fn
-    return run_fn(fv.config, fv.workdir, start_over=fv.start_over)
+    with workdir.trainer_lock(path):  # the whole run, every phase: one trainer per workdir
+        return run_fn(fv.config, path, start_over=fv.start_over)
 
 
 __all__ = ["cluster_detected", "guarded", "initialize_distributed", "main"]

@@ -41,6 +41,7 @@ defaults are Ho et al. 2020, CIFAR-10):
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import ml_collections
@@ -363,6 +364,28 @@ def validate(
         _fail("train.batch_size", batch, f"must be divisible by process count {process_count}")
 
 
+def check_paths(config: ml_collections.ConfigDict) -> None:
+    """Checks the files and folders a training run will read, before anything is compiled:
+    ``data.data_dir`` and ``data.manual_dir`` are directories, ``eval.inception_path`` a readable
+    file (when given). :func:`validate` checks only values: a saved run's config stays valid for
+    sampling on a machine without these paths.
+
+    Raises:
+      UsageError: naming the field and the path.
+    """
+    fields = [
+        ("data.data_dir", os.path.isdir, "a directory"),
+        ("data.manual_dir", os.path.isdir, "a directory"),
+    ]
+    if "eval" in config:
+        readable = lambda p: os.path.isfile(p) and os.access(p, os.R_OK)
+        fields.append(("eval.inception_path", readable, "a readable file"))
+    for field, ok, what in fields:
+        path = _get(config, field)
+        if path is not None and not ok(os.path.expanduser(path)):
+            _fail(field, path, f"expected {what}; it does not exist or cannot be read")
+
+
 def _divides(field: str, value: int, other: str, other_value: int) -> None:
     if other_value % value:
         _fail(field, value, f"must divide {other}={other_value}")
@@ -409,4 +432,4 @@ def _validate_latent(config: ml_collections.ConfigDict) -> None:
         )
 
 
-__all__ = ["default_config", "latent_config", "validate"]
+__all__ = ["check_paths", "default_config", "latent_config", "validate"]

@@ -8,7 +8,7 @@ through ``tf.summary``. tensorboardX is a dependency of the package; if it is mi
 run says so once and goes on with ``metrics.jsonl`` alone.
 
 A resumed run appends to the same log directory: a new event file whose first event purges
-every event at or after the restored step from TensorBoard's view (``purge_step``), as
+every event after the restored step from TensorBoard's view (``purge_step``), as
 ``metrics.jsonl`` is cut back to that step, so no step appears twice in either record.
 """
 

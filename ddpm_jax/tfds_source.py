@@ -145,7 +145,9 @@ def _prepare(builder: Any, name: str, manual_dir: str | None) -> None:
                 manual_dir=manual_dir, try_download_gcs=not have_manual
             ),
         )
-    except Exception as e:
+    # What preparing without network or manual files raises (tfds asserts the manual directory);
+    # anything else is a bug and keeps its traceback.
+    except (tfds.download.DownloadError, OSError, AssertionError) as e:
         detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise DataUnavailableError(
             _instructions(name, builder, f"preparing failed with {type(e).__name__}: {detail}")
@@ -157,7 +159,7 @@ def _image_builder(name: str, data_dir: str | None) -> tuple[Any, int | None]:
     try:
         with _quiet_absl():
             builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
-    except Exception as e:
+    except tfds.core.registered.DatasetNotFoundError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(
             f"data.name={name!r} is not a usable tfds dataset ({first}); use 'digits' or a tfds "
@@ -215,7 +217,7 @@ def load_tfds_source(
             "which random access needs: delete that directory (or choose another "
             "--config.data.data_dir) and rerun to prepare it again as ArrayRecord."
         ) from e
-    except Exception as e:
+    except (KeyError, ValueError) as e:  # no such split
         raise UsageError(
             f"split={split!r} cannot be read from tfds dataset {name!r} ({e}); available splits: "
             f"{sorted(builder.info.splits)}"

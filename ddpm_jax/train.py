@@ -44,10 +44,11 @@ import numpy as np
 
 from ddpm_jax import builders, data, images, parallel, resume
 from ddpm_jax import config as config_lib
-from ddpm_jax.checkpoint import Checkpointer, PreemptionGuard
+from ddpm_jax.checkpoint import Checkpointer
 from ddpm_jax.errors import NonFiniteLossError, UsageError
 from ddpm_jax.evaluation.during_training import PeriodicEvaluation, summary
 from ddpm_jax.generate import Generator
+from ddpm_jax.preemption import PreemptionGuard
 from ddpm_jax.records import RunRecords
 from ddpm_jax.workdir import (
     FINAL_TAG,
@@ -57,15 +58,28 @@ from ddpm_jax.workdir import (
     format_duration,
     is_writer,
     log,
+    read_json,
     run_key,
     save_npz,
+    trainer_lock,
     warn,
     write_json,
 )
 
 _MAX_PENDING_CALLS = 64  # fetch metrics at least this often (bounds host memory)
+# A run's records, moved aside (never deleted) when it starts over from step 0.
+_RECORDS = ("metrics.jsonl", "config_history.jsonl", "samples.npz", "report.png", "samples")
 # Write failures that mean "the workdir cannot take more": full disk, quota, read-only, denied.
 _UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _get(tree: dict, field: str, default: Any = math.inf) -> Any:
+    """``tree["a"]["b"]`` for ``field="a.b"`` of a config as JSON; ``default`` when absent."""
+    for part in field.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return default
+        tree = tree[part]
+    return tree
 
 
 def _unwritable(error: BaseException) -> OSError | None:
@@ -142,16 +156,17 @@ def run(
     """
     config_lib.validate(config, device_count=jax.device_count(), process_count=jax.process_count())
     workdir = check_workdir(workdir)
-    changes = resume.check_resume(config, workdir)
-    ds = builders.build_dataset(config) if dataset is None else dataset
-    model = builders.build_model(config, ds.num_classes) if model is None else model
-    trainer = Trainer(config, workdir, ds, model, decode_fn)
-    try:
-        result = trainer.run(step_callback, changes=changes, start_over=start_over)
-    except BaseException:
-        trainer.close(raise_errors=False)  # the first error is the one to report
-        raise
-    trainer.close()
+    with trainer_lock(workdir):
+        changes = resume.check_resume(config, workdir)
+        ds = builders.build_dataset(config) if dataset is None else dataset
+        model = builders.build_model(config, ds.num_classes) if model is None else model
+        trainer = Trainer(config, workdir, ds, model, decode_fn)
+        try:
+            result = trainer.run(step_callback, changes=changes, start_over=start_over)
+        except BaseException:
+            trainer.close(raise_errors=False)  # the first error is the one to report
+            raise
+        trainer.close()
     return result
 
 
@@ -235,6 +250,13 @@ class Trainer:
         tc = self.config.train
         had_checkpoints = bool(self.ckpt.all_steps())
         state, start = self.ckpt.restore_latest(self.abstract_state, start_over=start_over)
+        orphaned = "" if had_checkpoints else self._records_without_checkpoints()
+        if orphaned and not start_over:
+            raise UsageError(
+                f"{self.workdir} holds the records of a run ({orphaned}) but no checkpoint in "
+                f"{self.ckpt.directory}; nothing was changed. Put its checkpoints back, or pass "
+                "--start_over to keep the old records beside and train from step 0"
+            )
         if state is None:
             state, start = builders.init_state(self.init, self.abstract_state), 0
             log(f"new run in {self.workdir} ({self.dp.num_devices} devices, {self.dp.kind})")
@@ -246,12 +268,20 @@ class Trainer:
             f"{size['total']:,} ({size['replicated']:,} replicated on every device)"
         )
         if is_writer():  # the restore succeeded: now the run's files may change
-            self._record_start(start, changes, started_over=had_checkpoints and start == 0)
+            started_over = (had_checkpoints or bool(orphaned)) and start == 0
+            self._record_start(start, changes, started_over=started_over)
         self.records = RunRecords(self.workdir, start)
         os.makedirs(os.path.join(self.workdir, "samples"), exist_ok=True)
         if start >= tc.num_steps:
             log(f"training already finished (step {start} >= train.num_steps={tc.num_steps})")
             path = self._final_samples(state, overwrite=False)
+            changed = sorted(f for f in changes if f.startswith("sample."))
+            if path and changed:
+                log(
+                    f"{path} is kept as written: the changed {', '.join(changed)} do not apply "
+                    "to a finished run's samples; draw samples with other settings with "
+                    f"python -m experiments.sample --workdir={self.workdir}"
+                )
             status = "preempted" if self.preemption.requested else "already_complete"
             ema = self.dp.gather(state.ema_params)
             return RunResult(status, start, self.workdir, self.metrics_path, path, ema)
@@ -270,12 +300,31 @@ class Trainer:
         ema = self.dp.gather(self.dp.from_step(state).ema_params)
         return RunResult(status, step, self.workdir, self.metrics_path, path, ema)
 
+    def _records_without_checkpoints(self) -> str:
+        """What in the workdir shows that the run had checkpoints (now missing): its final
+        samples, a resume recorded in ``config_history.jsonl``, or metrics of a step at or after
+        the first checkpoint; '' when there is none (a new run, or one stopped before its first
+        checkpoint, whose records are recomputed bit for bit)."""
+        found = [name for name in ("samples.npz", "config_history.jsonl") if self._has(name)]
+        logged = [r["step"] for r in JsonLines(self.metrics_path).read()]
+        saved = read_json(os.path.join(self.workdir, "config.json")) or {}
+        every = min(self.config.train.checkpoint_every, _get(saved, "train.checkpoint_every"))
+        if logged and max(logged) >= every:
+            found.append(f"metrics.jsonl up to step {max(logged)}")
+        return ", ".join(found)
+
+    def _has(self, name: str) -> bool:
+        return os.path.exists(os.path.join(self.workdir, name))
+
     def _record_start(self, start: int, changes: dict, started_over: bool) -> None:
         """config.json, config_history.jsonl and metrics.jsonl after a restore (process 0)."""
-        if started_over and JsonLines(self.metrics_path).read():
-            kept = f"{self.metrics_path}.{int(time.time())}.before-step-0"
-            os.replace(self.metrics_path, kept)  # a start over keeps the old records
-            warn(f"training starts from step 0: the earlier metrics were moved to {kept}")
+        if started_over:  # a start over keeps the old records beside the new ones
+            stamp = int(time.time())
+            for name in _RECORDS:
+                if self._has(name):
+                    kept = os.path.join(self.workdir, f"{name}.{stamp}.before-step-0")
+                    os.replace(os.path.join(self.workdir, name), kept)
+                    warn(f"training starts from step 0: the earlier {name} was moved to {kept}")
         if changes and start > 0:
             record = dict(step=start, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
             record["changes"] = {f: [a, b] for f, (a, b) in changes.items()}
@@ -349,7 +398,16 @@ class Trainer:
                 flush()
             if step_callback is not None:
                 step_callback(step)
-            if self.preemption.reached(step):
+            if not self.preemption.reached():
+                if crossed(tc.checkpoint_every) or step == tc.num_steps:
+                    save()
+                if self.config.sample.grid_size > 0 and crossed(tc.sample_every):
+                    self._sample_grid(state, step)
+                if self.evaluation is not None and (
+                    crossed(self.config.eval.every) or step == tc.num_steps
+                ):
+                    self._evaluate(state, step)  # stops early on a preemption notice
+            if self.preemption.requested:
                 save()
                 ckpt.wait()
                 log(
@@ -357,14 +415,6 @@ class Trainer:
                     f"step {step} in {ckpt.directory}; run the same command again to resume"
                 )
                 return "preempted", step, state
-            if crossed(tc.checkpoint_every) or step == tc.num_steps:
-                save()
-            if self.config.sample.grid_size > 0 and crossed(tc.sample_every):
-                self._sample_grid(state, step)
-            if self.evaluation is not None and (
-                crossed(self.config.eval.every) or step == tc.num_steps
-            ):
-                self._evaluate(state, step)
         flush()
         if tty:
             log()
@@ -382,7 +432,11 @@ class Trainer:
 
     def _evaluate(self, state, step: int) -> None:
         """FID / KID (and accuracy) of EMA samples into the records, and the report plot."""
-        record = self.evaluation(self.dp.gather(self.dp.from_step(state.ema_params)), step)
+        ema = self.dp.gather(self.dp.from_step(state.ema_params))
+        record = self.evaluation(ema, step, should_stop=self.preemption.reached)
+        if record is None:
+            log(f"{chr(10) if self.tty else ''}preempted (SIGTERM) while evaluating step {step}")
+            return
         self.records.scalars(record)
         tc = self.config.train
         log(f"{chr(10) if self.tty else ''}step {step}/{tc.num_steps} | eval: {summary(record)}")
@@ -407,7 +461,7 @@ class Trainer:
             return self.samples_path
         log(f"sampling {s.num_samples} images ({s.method}, {s.num_steps} steps)")
         key = run_key(self.config.seed, FINAL_TAG)
-        stop = lambda: self.preemption.requested
+        stop = self.preemption.reached
         out = self.generator(state.ema_params, key, s.num_samples, should_stop=stop)
         if out is None:
             log("preempted (SIGTERM) while sampling: samples.npz not written")

@@ -6,6 +6,8 @@ Everything a run writes goes through here, so the rules hold in one place:
   ``os.replace``-d over the target, so a reader (or a run killed mid-write) sees the old file or
   the new one, never a part (:func:`atomic_open`, :func:`write_json`, :func:`save_npz`);
 - only process 0 writes shared files and prints (:func:`is_writer`, :func:`log`, :func:`warn`);
+- one training job at a time: process 0 holds an exclusive lock on the directory for the whole
+  run (:func:`trainer_lock`); readers (sampling, evaluation) take none;
 - ``metrics.jsonl`` and ``config_history.jsonl`` are appended line by line, and cut back to a
   restored step (:class:`JsonLines`);
 - the root keys of initialisation, sample grids, final samples, evaluation and the autoencoder are
@@ -16,16 +18,20 @@ Everything a run writes goes through here, so the rules hold in one place:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
+import socket
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from ddpm_jax.errors import UsageError
 
@@ -207,11 +213,78 @@ def check_workdir(workdir: str | os.PathLike | None) -> str:
     return path
 
 
+# ----------------------------------------------------------------------------- one trainer
+
+LOCK_FILE = ".trainer.lock"
+
+# The locks this process holds ({lock path: [open file or None, depth]}): a run's phases (the
+# command line, then train.run inside it) re-enter the lock instead of blocking on themselves.
+_held: dict[str, list] = {}
+
+
+@contextlib.contextmanager
+def trainer_lock(workdir: str | os.PathLike) -> Iterator[None]:
+    """Holds the exclusive lock of a training job on ``workdir`` (created) while in the block.
+
+    Process 0 takes an ``fcntl.flock`` on ``workdir/.trainer.lock``, which the kernel releases
+    when the process ends however it ends (kill -9 leaves no stale lock), and writes its pid and
+    host into it; the other processes of the job learn the outcome from process 0. Re-entrant
+    within a process. Readers of a run (sampling, evaluation) take no lock.
+
+    Raises:
+      UsageError: another process holds the lock; the message names its pid and host.
+    """
+    workdir = os.path.abspath(os.fspath(workdir))
+    path = os.path.join(workdir, LOCK_FILE)
+    if path in _held:
+        _held[path][1] += 1
+        try:
+            yield
+        finally:
+            _held[path][1] -= 1
+        return
+    f, holder = None, ""
+    if is_writer():
+        os.makedirs(workdir, exist_ok=True)
+        f = open(path, "a+")  # never truncated before the lock is ours
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            f = None
+        else:
+            f.seek(0)
+            f.truncate()
+            since = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            f.write(f"pid {os.getpid()} on host {socket.gethostname()} since {since}\n")
+            f.flush()
+    busy = bool(holder)
+    if jax.process_count() > 1:
+        busy = bool(multihost_utils.broadcast_one_to_all(np.int32(busy)))
+    if busy:
+        if f is not None:
+            f.close()
+        raise UsageError(
+            f"workdir={workdir!r} is being trained by another job ({holder or 'see ' + path}); "
+            "nothing was changed. Wait for it to end or stop it, or use another --workdir"
+        )
+    _held[path] = [f, 1]
+    try:
+        yield
+    finally:
+        del _held[path]
+        if f is not None:
+            f.close()  # releases the lock; the file stays (removing it would race a new holder)
+
+
 __all__ = [
     "EVAL_TAG",
     "FINAL_TAG",
     "GRID_TAG",
     "INIT_TAG",
+    "LOCK_FILE",
     "VAE_TAG",
     "JsonLines",
     "atomic_open",
@@ -222,6 +295,7 @@ __all__ = [
     "read_json",
     "run_key",
     "save_npz",
+    "trainer_lock",
     "warn",
     "write_json",
 ]

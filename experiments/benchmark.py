@@ -64,6 +64,7 @@ from collections.abc import Sequence
 import jax
 
 from ddpm_jax import samplers
+from ddpm_jax.errors import UsageError
 from ddpm_jax.models.layers import DTYPES
 from ddpm_jax.parallel import compiler_options
 from experiments import cifar, measure
@@ -137,7 +138,7 @@ def bench_torch(args) -> list[dict]:
         print("torch / diffusers not installed: skipping the PyTorch baseline", flush=True)
         return []
     if args.model not in ("cifar10", "tiny"):
-        raise ValueError(f"--model={args.model}: the PyTorch baseline has cifar10 and tiny only")
+        raise UsageError(f"--model={args.model}: the PyTorch baseline has cifar10 and tiny only")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "torch.json")
         cmd = [
@@ -389,9 +390,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             results[name] = fn(args)
             summarize(results)  # the train rows' utilisation needs the matmul peak
             print_table(name, results[name], columns)
-    except ValueError as e:  # includes ddpm_jax.errors.UsageError (an invalid override)
+    except UsageError as e:  # an invalid override: the sections measured so far are kept
+        report(args, info, results, start, failed=f"{name}: {e}")
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BaseException as e:  # a bug: keep what was measured, then its traceback
+        report(args, info, results, start, failed=f"{name}: {type(e).__name__}: {e}")
+        raise
+    report(args, info, results, start)
+    return 0
+
+
+def report(args, info: dict, results: dict, start: float, failed: str | None = None) -> None:
+    """Prints the summary of the sections in ``results`` and writes them to ``--json`` (with
+    ``failed``: the section that failed and why, when one did)."""
     summary = summarize(results)
     stats = jax.local_devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:  # the runtime's peak on device 0 (accelerators)
@@ -400,12 +412,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n== summary ==")
     for key, value in summary.items():
         print(f"{key}: {_fmt(value)}")
+    if failed:
+        summary["failed"] = failed
     if args.json:
         with open(args.json, "w") as f:
             meta = dict(info, args=vars(args), load_average_end=os.getloadavg())
             json.dump(dict(summary, meta=meta, sections=results), f, indent=2)
         print(f"\nwrote {args.json}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ import numpy as np
 
 from ddpm_jax import cli, data
 from ddpm_jax import config as config_lib
-from ddpm_jax.checkpoint import PreemptionGuard
 from ddpm_jax.latent import pipeline, prompts
+from ddpm_jax.preemption import PreemptionGuard
 
 CLASSES = (
     ("airplane", "plane"),
@@ -134,7 +134,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = Fals
         )
         if latent_run is None:
             return
-        stop = lambda: preemption.requested
+        stop = preemption.reached
         samples = prompts.sample_prompt_images(config, latent_run, all_prompts, should_stop=stop)
         if samples is None:
             log("preempted (SIGTERM) while sampling: nothing written; run the same command again")

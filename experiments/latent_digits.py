@@ -35,10 +35,10 @@ import numpy as np
 
 from ddpm_jax import cli, data, images
 from ddpm_jax import config as config_lib
-from ddpm_jax.checkpoint import PreemptionGuard
 from ddpm_jax.evaluation.digits_classifier import train_digits_classifier
 from ddpm_jax.latent import pipeline, prompts
 from ddpm_jax.models.autoencoder import AutoencoderKL
+from ddpm_jax.preemption import PreemptionGuard
 from ddpm_jax.workdir import is_writer, write_json
 
 NAMES = tuple((name,) for name in ("zero one two three four five six seven eight nine".split()))
@@ -127,7 +127,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = Fals
             with open(metrics_path) as f:
                 return json.load(f)
         t_train = time.time() - t0
-        stop = lambda: preemption.requested
+        stop = preemption.reached
         samples = prompts.sample_prompt_images(config, latent_run, all_prompts, should_stop=stop)
         if samples is None:
             log("preempted (SIGTERM) while sampling: nothing written; run the same command again")

@@ -3,7 +3,6 @@ fallback past corrupt or incomplete checkpoints, and the SIGTERM guard."""
 
 import glob
 import os
-import signal
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +11,7 @@ import pytest
 
 from ddpm_jax import parallel
 from ddpm_jax import state as st
-from ddpm_jax.checkpoint import Checkpointer, PreemptionGuard
+from ddpm_jax.checkpoint import Checkpointer
 from ddpm_jax.errors import UsageError
 
 OPT = st.make_optimizer(lr=1e-3, warmup_steps=2)
@@ -147,12 +146,3 @@ def test_a_state_of_another_structure_is_a_usage_error_not_damage(dp, tmp_path):
         ckpt.restore_latest(abstract)
     ckpt.close()
     assert sorted(os.listdir(d)) == ["4", "8"] and not os.path.exists(d + ".corrupt")
-
-
-def test_preemption_guard_turns_sigterm_into_a_request():
-    before = signal.getsignal(signal.SIGTERM)
-    with PreemptionGuard() as guard:
-        assert not guard.reached(1)
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert guard.reached(2)
-    assert signal.getsignal(signal.SIGTERM) is before

@@ -52,7 +52,9 @@ class PeriodicEvaluation:
         self.generator = generator if same else _with(generator, e.method, e.num_steps)
         self.labels_are_classes = labels_are_classes
         self.key = jax.random.fold_in(run_key(config.seed, EVAL_TAG), 0)
-        self._evaluator: Callable[[], Evaluator] = lambda: Evaluator(
+        # Built now, before the training step compiles: a missing Inception file or dataset is
+        # found at the start, not after eval.every steps (the statistics are cached on disk).
+        self.evaluator = Evaluator(
             d.name,
             output_shape,
             data_dir=d.data_dir,
@@ -61,17 +63,24 @@ class PeriodicEvaluation:
             cache_dir=e.cache_dir,
             kid_subset_size=min(1000, e.num_samples),
         )
-        self.evaluator: Evaluator | None = None
 
-    def __call__(self, ema_params, step: int) -> dict:
+    def __call__(
+        self, ema_params, step: int, should_stop: Callable[[], bool] | None = None
+    ) -> dict | None:
         """The record of ``step``: ``{"step", "eval/<metric>": ..., "eval/seconds"}``, with
-        ``digits_fid`` / ``digits_kid_mean`` for the digits classifier's features."""
+        ``digits_fid`` / ``digits_kid_mean`` for the digits classifier's features; None when
+        ``should_stop()`` (asked after each sampling round, e.g. a preemption notice) said so."""
         t0 = time.time()
-        if self.evaluator is None:  # the reference statistics: computed once, then cached
-            self.evaluator = self._evaluator()
-        imgs, labels = self.generator(
-            ema_params, self.key, self.num_samples, guidance_scale=self.guidance_scale
+        out = self.generator(
+            ema_params,
+            self.key,
+            self.num_samples,
+            guidance_scale=self.guidance_scale,
+            should_stop=should_stop,
         )
+        if out is None:
+            return None
+        imgs, labels = out
         classes = labels if self.labels_are_classes else None
         scores = self.evaluator.score(imgs, classes)
         prefix = "eval/digits_" if self.evaluator.extractor.classes else "eval/"

@@ -22,7 +22,6 @@ import ml_collections
 import numpy as np
 
 from ddpm_jax import builders
-from ddpm_jax.checkpoint import PreemptionGuard
 from ddpm_jax.errors import UsageError
 from ddpm_jax.latent.vae_train import train_autoencoder, vae_optimizer
 from ddpm_jax.models.autoencoder import (
@@ -31,6 +30,7 @@ from ddpm_jax.models.autoencoder import (
     scale_latents,
     unscale_latents,
 )
+from ddpm_jax.preemption import PreemptionGuard
 from ddpm_jax.workdir import VAE_TAG, atomic_open, is_writer, run_key
 
 VAE_FILE = "vae.msgpack"  # the frozen autoencoder
@@ -113,7 +113,7 @@ def load_or_train_vae(
                 f.write(flax.serialization.to_bytes(jax.device_get(state)))
 
     def callback(step: int, params: Any, opt_state: Any) -> bool:
-        if preemption is not None and preemption.reached(step):
+        if preemption is not None and preemption.reached():
             save(step, params, opt_state)
             stopped.append(step)
             return True

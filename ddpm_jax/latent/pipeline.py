@@ -22,10 +22,10 @@ import numpy as np
 
 from ddpm_jax import builders, data, images, resume, schedules, train
 from ddpm_jax import config as config_lib
-from ddpm_jax.checkpoint import PreemptionGuard
 from ddpm_jax.latent import frozen_vae
 from ddpm_jax.models.autoencoder import AutoencoderKL
 from ddpm_jax.models.text import PromptUNet, Tokenizer
+from ddpm_jax.preemption import PreemptionGuard
 from ddpm_jax.workdir import check_workdir, is_writer, write_json
 
 LATENT_FILE = "latent.json"
@@ -143,7 +143,7 @@ def train_latent(
         name="latents",
     )
     decode_fn = frozen_vae.make_decode_fn(vae, vae_params, scale)
-    if preemption is not None and preemption.requested:
+    if preemption is not None and preemption.reached():
         log("preempted (SIGTERM) before the diffusion phase; run the same command again")
         return None
     result = train.run(
