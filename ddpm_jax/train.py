@@ -73,6 +73,41 @@ _RECORDS = ("metrics.jsonl", "config_history.jsonl", "samples.npz", "report.png"
 _UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
+def check_not_lost(workdir: str, checkpoint_every: int, start_over: bool) -> bool:
+    """Refuses to start a run from step 0 over records of checkpoints that are gone (before
+    anything in ``workdir`` is created); returns whether the run starts over such records
+    (``start_over``: they are then moved aside, see :func:`run`).
+
+    Raises:
+      UsageError: ``workdir`` has no checkpoint but :func:`records_of_checkpoints`.
+    """
+    directory = os.path.join(workdir, "checkpoints")
+    if os.path.isdir(directory) and any(p.isdigit() for p in os.listdir(directory)):
+        return False  # restore_latest decides
+    lost = records_of_checkpoints(workdir, checkpoint_every)
+    if lost and not start_over:
+        raise UsageError(
+            f"{workdir} holds the records of a run ({lost}) but no checkpoint in {directory}; "
+            "nothing was changed. Put its checkpoints back, or pass --start_over to keep the old "
+            "records beside and train from step 0"
+        )
+    return bool(lost)
+
+
+def records_of_checkpoints(workdir: str, checkpoint_every: int) -> str:
+    """What in ``workdir`` shows that its run had written checkpoints: final samples, a resume
+    recorded in ``config_history.jsonl``, or metrics of a step at or after the first checkpoint
+    (``checkpoint_every`` now or in the saved ``config.json``); '' when nothing does (a new run,
+    or one stopped before its first checkpoint, whose records are recomputed bit for bit)."""
+    found = [n for n in ("samples.npz", "config_history.jsonl") if os.path.exists(f"{workdir}/{n}")]
+    logged = [r["step"] for r in JsonLines(os.path.join(workdir, "metrics.jsonl")).read()]
+    saved = read_json(os.path.join(workdir, "config.json")) or {}
+    every = min(checkpoint_every, _get(saved, "train.checkpoint_every"))
+    if logged and max(logged) >= every:
+        found.append(f"metrics.jsonl up to step {max(logged)}")
+    return ", ".join(found)
+
+
 def _get(tree: dict, field: str, default: Any = math.inf) -> Any:
     """``tree["a"]["b"]`` for ``field="a.b"`` of a config as JSON; ``default`` when absent."""
     for part in field.split("."):
@@ -158,11 +193,12 @@ def run(
     workdir = check_workdir(workdir)
     with trainer_lock(workdir):
         changes = resume.check_resume(config, workdir)
+        lost = check_not_lost(workdir, config.train.checkpoint_every, start_over)
         ds = builders.build_dataset(config) if dataset is None else dataset
         model = builders.build_model(config, ds.num_classes) if model is None else model
         trainer = Trainer(config, workdir, ds, model, decode_fn)
         try:
-            result = trainer.run(step_callback, changes=changes, start_over=start_over)
+            result = trainer.run(step_callback, changes=changes, start_over=start_over, lost=lost)
         except BaseException:
             trainer.close(raise_errors=False)  # the first error is the one to report
             raise
@@ -227,12 +263,15 @@ class Trainer:
             if raise_errors:
                 raise
 
-    def run(self, step_callback, *, changes: dict, start_over: bool = False) -> RunResult:
+    def run(
+        self, step_callback, *, changes: dict, start_over: bool = False, lost: bool = False
+    ) -> RunResult:
         """Restores or initialises, trains, samples; SIGTERM at any point after the restore
-        saves the current step (when training) and returns ``status="preempted"``."""
+        saves the current step (when training) and returns ``status="preempted"``. ``lost``:
+        the run starts over records whose checkpoints are gone (:func:`check_not_lost`)."""
         with PreemptionGuard() as self.preemption:
             try:
-                return self._run(step_callback, changes, start_over)
+                return self._run(step_callback, changes, start_over, lost)
             except Exception as e:
                 unwritable = _unwritable(e)
                 if unwritable is None:
@@ -246,17 +285,10 @@ class Trainer:
                     "permissions, then run the same command again"
                 ) from e
 
-    def _run(self, step_callback, changes: dict, start_over: bool) -> RunResult:
+    def _run(self, step_callback, changes: dict, start_over: bool, lost: bool) -> RunResult:
         tc = self.config.train
         had_checkpoints = bool(self.ckpt.all_steps())
         state, start = self.ckpt.restore_latest(self.abstract_state, start_over=start_over)
-        orphaned = "" if had_checkpoints else self._records_without_checkpoints()
-        if orphaned and not start_over:
-            raise UsageError(
-                f"{self.workdir} holds the records of a run ({orphaned}) but no checkpoint in "
-                f"{self.ckpt.directory}; nothing was changed. Put its checkpoints back, or pass "
-                "--start_over to keep the old records beside and train from step 0"
-            )
         if state is None:
             state, start = builders.init_state(self.init, self.abstract_state), 0
             log(f"new run in {self.workdir} ({self.dp.num_devices} devices, {self.dp.kind})")
@@ -268,7 +300,7 @@ class Trainer:
             f"{size['total']:,} ({size['replicated']:,} replicated on every device)"
         )
         if is_writer():  # the restore succeeded: now the run's files may change
-            started_over = (had_checkpoints or bool(orphaned)) and start == 0
+            started_over = (had_checkpoints or lost) and start == 0
             self._record_start(start, changes, started_over=started_over)
         self.records = RunRecords(self.workdir, start)
         os.makedirs(os.path.join(self.workdir, "samples"), exist_ok=True)
@@ -299,19 +331,6 @@ class Trainer:
             )
         ema = self.dp.gather(self.dp.from_step(state).ema_params)
         return RunResult(status, step, self.workdir, self.metrics_path, path, ema)
-
-    def _records_without_checkpoints(self) -> str:
-        """What in the workdir shows that the run had checkpoints (now missing): its final
-        samples, a resume recorded in ``config_history.jsonl``, or metrics of a step at or after
-        the first checkpoint; '' when there is none (a new run, or one stopped before its first
-        checkpoint, whose records are recomputed bit for bit)."""
-        found = [name for name in ("samples.npz", "config_history.jsonl") if self._has(name)]
-        logged = [r["step"] for r in JsonLines(self.metrics_path).read()]
-        saved = read_json(os.path.join(self.workdir, "config.json")) or {}
-        every = min(self.config.train.checkpoint_every, _get(saved, "train.checkpoint_every"))
-        if logged and max(logged) >= every:
-            found.append(f"metrics.jsonl up to step {max(logged)}")
-        return ", ".join(found)
 
     def _has(self, name: str) -> bool:
         return os.path.exists(os.path.join(self.workdir, name))
@@ -471,4 +490,4 @@ class Trainer:
         return self.samples_path
 
 
-__all__ = ["RunResult", "Trainer", "run"]
+__all__ = ["RunResult", "Trainer", "check_not_lost", "records_of_checkpoints", "run"]

@@ -13,7 +13,10 @@ real runs:
   files are incomplete on disk);
 - ``--unreadable_on_process=P:STEP``: process ``P`` cannot read checkpoint ``STEP`` (as if its view
   of the shared filesystem were damaged);
-- ``--fail_writes_at=STEP``: saving the checkpoint of ``STEP`` fails with ENOSPC (a full disk).
+- ``--fail_writes_at=STEP``: saving the checkpoint of ``STEP`` fails with ENOSPC (a full disk);
+- ``--sleep_per_call=SECONDS``: a slower run (sleeps after every compiled training call);
+- ``--signal_in_sampling=SIGTERM``: the process sends itself the signal after the first round of
+  every sampling call that can be stopped (the final samples, evaluations).
 
 The parent sets ``XLA_FLAGS`` (device count) and ``JAX_PLATFORMS``.
 """
@@ -25,6 +28,7 @@ import functools
 import os
 import signal
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,6 +37,7 @@ import jax  # noqa: E402
 from ddpm_jax import cli, train  # noqa: E402
 from ddpm_jax.checkpoint import Checkpointer  # noqa: E402
 from ddpm_jax.config import default_config  # noqa: E402
+from ddpm_jax.generate import Generator  # noqa: E402
 
 
 def tiny_config():
@@ -99,6 +104,25 @@ def _disk_full(original, self, step, state):
     raise OSError(errno.ENOSPC, "No space left on device", f"{self.directory}/{step}")
 
 
+def _signal_in_sampling(name: str) -> None:
+    signum, original = getattr(signal, name), Generator.__call__
+
+    def call(self, *args, should_stop=None, **kwargs):
+        if should_stop is None:
+            return original(self, *args, **kwargs)
+        sent = []
+
+        def stop() -> bool:
+            if not sent:
+                sent.append(True)
+                os.kill(os.getpid(), signum)
+            return should_stop()
+
+        return original(self, *args, should_stop=stop, **kwargs)
+
+    Generator.__call__ = call
+
+
 def _unreadable_on(process_and_step: str) -> None:
     process, step = (int(v) for v in process_and_step.split(":"))
     original = Checkpointer._read
@@ -122,6 +146,10 @@ def main(argv: list[str]) -> None:
             _patch_save(int(value), _kill_in_save)
         elif name == "--fail_writes_at":
             _patch_save(int(value), _disk_full)
+        elif name == "--sleep_per_call":
+            hook = lambda done, s=float(value): time.sleep(s)
+        elif name == "--signal_in_sampling":
+            _signal_in_sampling(value)
         elif name == "--unreadable_on_process":
             _unreadable_on(value)
         else:
