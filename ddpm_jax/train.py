@@ -16,9 +16,12 @@ anything is compiled or written, then writes into ``workdir``:
 
 Running it again on the same ``workdir`` resumes from the newest readable checkpoint with exactly
 the state, data order and randomness of an uninterrupted run (``metrics.jsonl`` is cut back to the
-checkpoint); on a finished run it only writes missing final outputs. SIGTERM saves a checkpoint
-at the current step and returns ``status="preempted"``. A non-finite loss or gradient norm stops
-the run with :class:`~ddpm_jax.errors.NonFiniteLossError` before anything non-finite is saved.
+checkpoint); on a finished run it only writes missing final outputs. The config may change between
+invocations within the limits of ``ddpm_jax.resume``; ``config_history.jsonl`` records each change
+(with the ``--allow_change`` fields) and, once the batch size changed, the data position.
+SIGTERM saves a checkpoint at the current step and returns ``status="preempted"``. A non-finite
+loss or gradient norm stops the run with :class:`~ddpm_jax.errors.NonFiniteLossError` before
+anything non-finite is saved.
 
 Only process 0 writes logs and images; every process takes part in training, checkpointing and
 sampling. Events (logging, checkpoints, grids) fire at the end of the compiled call in which their
@@ -34,7 +37,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -112,11 +115,15 @@ def run(
     dataset: data.Dataset | None = None,
     decode_fn: Callable[[jax.Array], jax.Array] | None = None,
     start_over: bool = False,
+    allow_change: Sequence[str] = (),
 ) -> RunResult:
     """Trains (or resumes) the diffusion model of ``config`` in ``workdir``.
 
     On an existing run the config is compared first (``resume.check_resume``); nothing in
-    ``workdir`` is written before the newest readable checkpoint has been restored.
+    ``workdir`` is written before the newest readable checkpoint has been restored. The changes
+    the resumed run takes are printed and appended to ``config_history.jsonl``; after a change
+    of ``train.batch_size`` the batches continue the data stream from the examples already seen
+    (``resume.data_position``).
 
     Args:
       config: a ConfigDict built from ``ddpm_jax.config.default_config()``.
@@ -132,6 +139,8 @@ def run(
         (e.g. a frozen VAE decoder), applied before the grids and ``samples.npz``.
       start_over: when the run has checkpoints and none can be restored, move them aside and
         train from step 0 (without it, that is an error and nothing is changed).
+      allow_change: the fields that change what is trained (``resume.TRAINING``) that this
+        resume may change (``--allow_change``); each change is recorded with ``"allowed"``.
 
     Returns:
       A :class:`RunResult`.
@@ -142,12 +151,13 @@ def run(
     """
     config_lib.validate(config, device_count=jax.device_count(), process_count=jax.process_count())
     workdir = check_workdir(workdir)
-    changes = resume.check_resume(config, workdir)
+    changes = resume.check_resume(config, workdir, allow_change)
+    history = resume.read_history(workdir)  # every process, before process 0 appends to it
     ds = builders.build_dataset(config) if dataset is None else dataset
     model = builders.build_model(config, ds.num_classes) if model is None else model
     trainer = Trainer(config, workdir, ds, model, decode_fn)
     try:
-        result = trainer.run(step_callback, changes=changes, start_over=start_over)
+        result = trainer.run(step_callback, changes=changes, history=history, start_over=start_over)
     except BaseException:
         trainer.close(raise_errors=False)  # the first error is the one to report
         raise
@@ -212,12 +222,26 @@ class Trainer:
             if raise_errors:
                 raise
 
-    def run(self, step_callback, *, changes: dict, start_over: bool = False) -> RunResult:
+    def run(
+        self,
+        step_callback,
+        *,
+        changes: dict,
+        history: Sequence[dict] = (),
+        start_over: bool = False,
+    ) -> RunResult:
         """Restores or initialises, trains, samples; SIGTERM at any point after the restore
-        saves the current step (when training) and returns ``status="preempted"``."""
+        saves the current step (when training) and returns ``status="preempted"``.
+
+        Args:
+          step_callback: see :func:`run`.
+          changes: ``resume.check_resume``'s changes of the config.
+          history: ``resume.read_history`` of the workdir, read before anything was written.
+          start_over: see :func:`run`.
+        """
         with PreemptionGuard() as self.preemption:
             try:
-                return self._run(step_callback, changes, start_over)
+                return self._run(step_callback, changes, history, start_over)
             except Exception as e:
                 unwritable = _unwritable(e)
                 if unwritable is None:
@@ -231,7 +255,7 @@ class Trainer:
                     "permissions, then run the same command again"
                 ) from e
 
-    def _run(self, step_callback, changes: dict, start_over: bool) -> RunResult:
+    def _run(self, step_callback, changes: dict, history, start_over: bool) -> RunResult:
         tc = self.config.train
         had_checkpoints = bool(self.ckpt.all_steps())
         state, start = self.ckpt.restore_latest(self.abstract_state, start_over=start_over)
@@ -245,8 +269,12 @@ class Trainer:
             f"training state ({self.dp.kind}): {size['per_device']:,} bytes per device of "
             f"{size['total']:,} ({size['replicated']:,} replicated on every device)"
         )
+        batch = tc.batch_size
+        saved_batch = changes.get("train.batch_size", (batch, batch))[0]
+        position = resume.data_position(history, start, saved_batch, batch)
         if is_writer():  # the restore succeeded: now the run's files may change
-            self._record_start(start, changes, started_over=had_checkpoints and start == 0)
+            started_over = had_checkpoints and start == 0
+            self._record_start(start, changes, position, started_over=started_over)
         self.records = RunRecords(self.workdir, start)
         os.makedirs(os.path.join(self.workdir, "samples"), exist_ok=True)
         if start >= tc.num_steps:
@@ -255,7 +283,9 @@ class Trainer:
             status = "preempted" if self.preemption.requested else "already_complete"
             ema = self.dp.gather(state.ema_params)
             return RunResult(status, start, self.workdir, self.metrics_path, path, ema)
-        status, step, state = self._loop(self.dp.to_step(state), start, step_callback)
+        status, step, state = self._loop(
+            self.dp.to_step(state), start, position.examples_seen, step_callback
+        )
         path = None
         if status == "completed":
             self._write_report()
@@ -270,25 +300,50 @@ class Trainer:
         ema = self.dp.gather(self.dp.from_step(state).ema_params)
         return RunResult(status, step, self.workdir, self.metrics_path, path, ema)
 
-    def _record_start(self, start: int, changes: dict, started_over: bool) -> None:
-        """config.json, config_history.jsonl and metrics.jsonl after a restore (process 0)."""
+    def _record_start(
+        self, start: int, changes: dict, position: resume.DataPosition, started_over: bool
+    ) -> None:
+        """config.json, config_history.jsonl and metrics.jsonl after a restore (process 0).
+
+        ``config_history.jsonl`` gets one record ``{"step", "time"}`` with the config's
+        ``"changes"`` (``{field: [old, new]}``; ``"allowed"``: those let through by
+        ``--allow_change``) and, when ``position.record``, the data position (``"examples_seen"``
+        and the ``"batch_size"`` from this step on), before ``config.json`` is replaced.
+        """
         if started_over and JsonLines(self.metrics_path).read():
             kept = f"{self.metrics_path}.{int(time.time())}.before-step-0"
             os.replace(self.metrics_path, kept)  # a start over keeps the old records
             warn(f"training starts from step 0: the earlier metrics were moved to {kept}")
+        record = dict(step=start, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         if changes and start > 0:
-            record = dict(step=start, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
             record["changes"] = {f: [a, b] for f, (a, b) in changes.items()}
-            JsonLines(os.path.join(self.workdir, "config_history.jsonl")).append(record)
-            listed = ", ".join(f"{f} {a!r} -> {b!r}" for f, (a, b) in changes.items())
-            log(f"config changes from step {start} on (config_history.jsonl): {listed}")
+            allowed = [f for f in changes if f in resume.TRAINING]
+            if allowed:
+                record["allowed"] = allowed
+            listed = ", ".join(
+                f"{f} {a!r} -> {b!r}" + (" (--allow_change)" if f in allowed else "")
+                for f, (a, b) in changes.items()
+            )
+            log(f"config changes from step {start} on ({resume.HISTORY_FILE}): {listed}")
+        if position.record:
+            batch, seen = self.config.train.batch_size, position.examples_seen
+            record.update(examples_seen=seen, batch_size=batch)
+            log(
+                f"data: batches of {batch} from step {start} on continue the shuffled stream "
+                f"after the {seen} examples seen (epoch {seen // self.ds.num_examples + 1})"
+            )
+        if len(record) > 2:
+            JsonLines(os.path.join(self.workdir, resume.HISTORY_FILE)).append(record)
         write_json(os.path.join(self.workdir, "config.json"), json.loads(self.config.to_json()))
 
-    def _loop(self, state, start: int, step_callback):
+    def _loop(self, state, start: int, examples_seen: int, step_callback):
         tc, dp, ckpt = self.config.train, self.dp, self.ckpt
         local_b = self.ds.local_batch_size
         index = (jax.process_index() * local_b + np.arange(local_b)).astype(np.int32)
-        batches = self.ds.iterator(start)
+        if examples_seen == start * self.ds.global_batch_size:
+            batches = self.ds.iterator(start)
+        else:  # the batch size changed: continue the stream after the examples seen
+            batches = self.ds.iterator(start, examples_seen=examples_seen)
         pending: list[tuple[int, dict]] = []  # (first step, metrics on device), not yet checked
         step, last_saved = start, start
         window = [time.time(), start]
