@@ -151,7 +151,10 @@ def check_allow_change(allow_change: Sequence[str]) -> tuple[str, ...]:
         if f in _FREE:
             problems.append(f"{f} may change on resume without it")
         elif f in IDENTITY:
-            problems.append(f"{f} fixes what the run is and never changes on resume")
+            problems.append(
+                f"{f} fixes what the run is and never changes on resume (start a "
+                "new run in a new --workdir)"
+            )
         else:
             problems.append(f"{f} is not a field it takes")
     if problems:
@@ -199,10 +202,10 @@ def check_resume(
     refused = {f: v for f, v in changes.items() if f in _TRAINING and f not in allowed}
     if refused:
         raise UsageError(
-            f"resuming {workdir} with {listed(refused)} would change what the run trains; "
-            "nothing was changed. Resume it with the values it was started with, or pass "
-            f"--allow_change={','.join(refused)} to change it from the resumed step on "
-            "(recorded in config_history.jsonl)"
+            f"{workdir}: {listed(refused)} would change what the run trains from the resumed "
+            f"step on; nothing was changed. Pass --allow_change={','.join(refused)} to change it "
+            f"deliberately (recorded in {HISTORY_FILE}), or resume with the values the run was "
+            "started with"
         )
     return changes
 
