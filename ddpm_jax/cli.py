@@ -8,8 +8,11 @@ An experiment is ``get_config()`` plus::
 Flags:
 
 - ``--workdir=DIR`` (required): where the run writes and resumes (see ``ddpm_jax.train``); a
-  re-run with a changed field that fixes what the run trains (``resume.RUN_IDENTITY``) is refused
-  with nothing changed; other changes are recorded in ``config_history.jsonl``;
+  re-run with a changed field that fixes what the run is (``resume.IDENTITY``) or that changes
+  what it trains (``resume.TRAINING``) is refused with nothing changed; other changes are
+  recorded in ``config_history.jsonl``;
+- ``--allow_change=FIELD[,FIELD...]``: lets this resume change those ``resume.TRAINING`` fields
+  (e.g. ``train.batch_size``) from the resumed step on; recorded with ``"allowed"``;
 - ``--start_over``: when none of the workdir's checkpoints can be restored, move them aside and
   train from step 0 (without it that is an error, and nothing is changed);
 - ``--config.<section>.<field>=VALUE``: overrides of ``get_config()`` (ml_collections
@@ -116,6 +119,13 @@ def _define_flags(config: ml_collections.ConfigDict, argv: Sequence[str]) -> fla
         "and train from step 0; without it that is an error and nothing is changed.",
         flag_values=fv,
     )
+    flags.DEFINE_list(
+        "allow_change",
+        [],
+        "Fields that change what is trained (train.batch_size, diffusion.weighting, ...) that "
+        "this resume may change from the resumed step on; recorded in config_history.jsonl.",
+        flag_values=fv,
+    )
     flags.DEFINE_enum(
         "distributed",
         "auto",
@@ -190,8 +200,9 @@ def main(
     Args:
       get_config: the experiment's ``get_config()`` (a ConfigDict from ``default_config()``).
       argv: command line including the program name (default ``sys.argv``).
-      run_fn: ``run_fn(config, workdir, start_over=False)`` runs the experiment (default
-        ``ddpm_jax.train.run``); it reports a user's mistake by raising ``UsageError``.
+      run_fn: ``run_fn(config, workdir, start_over=False, allow_change=())`` runs the
+        experiment (default ``ddpm_jax.train.run``); it reports a user's mistake by raising
+        ``UsageError``.
 
     Exits the process: 0 on success or preemption, 1 on a non-finite loss or a bug, 2 on bad
     input.
@@ -214,15 +225,16 @@ def main(
 
 def _run(fv: flags.FlagValues, run_fn) -> Any:
     from ddpm_jax import config as config_lib
-    from ddpm_jax import train, workdir
+    from ddpm_jax import resume, train, workdir
 
     path = workdir.check_workdir(fv.workdir)
     config_lib.validate(fv.config)  # without devices first: no JAX backend needed yet
     config_lib.check_paths(fv.config)
     initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id, fv.distributed)
     run_fn = train.run if run_fn is None else run_fn
+    allow_change = resume.check_allow_change(fv.allow_change)  # a typo: before anything runs
     with workdir.trainer_lock(path):  # the whole run, every phase: one trainer per workdir
-        return run_fn(fv.config, path, start_over=fv.start_over)
+        return run_fn(fv.config, path, start_over=fv.start_over, allow_change=allow_change)
 
 
 __all__ = ["cluster_detected", "guarded", "initialize_distributed", "main"]

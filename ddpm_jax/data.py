@@ -9,6 +9,8 @@ Every batch is a pure function of ``(seed, step, process_index)``:
 * Random horizontal flips are drawn per flat position (i.e. per ``(seed, epoch, example)``), so
   they do not depend on how many processes share the batch.
 * Process ``p`` of ``P`` reads only rows ``[p*B/P, (p+1)*B/P)`` of every global batch.
+* A run whose batch size changed continues the same stream from the examples it consumed
+  (``iterator(step, examples_seen=...)``): no example of the epoch is skipped or repeated.
 
 A resumed run therefore sees exactly the data it would have seen, and the same global batch is
 produced whatever the number of processes.
@@ -66,8 +68,11 @@ class Dataset(Protocol):
         "label": int32 [local_B]}`` (labels -1 without classes); a pure function of ``step``."""
         ...
 
-    def iterator(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        """``batch(start_step), batch(start_step + 1), ...``."""
+    def iterator(
+        self, start_step: int = 0, *, examples_seen: int | None = None
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """``batch(start_step), batch(start_step + 1), ...``; with ``examples_seen``, the batches
+        of the same stream that start at that flat position (a run whose batch size changed)."""
         ...
 
 
@@ -211,9 +216,14 @@ class ImageDataset:
         ds = ds.shuffle(seed=shuffle_seed).repeat().map(self._decode)
         if self.random_flip:  # keyed by flat position = (epoch, position in epoch).
             ds = ds.random_map(_random_flip, seed=flip_seed)
-        # Chunk k holds flat positions [k*b, (k+1)*b); global batch s = chunks s*P .. s*P+P-1.
-        ds = ds.batch(self.local_batch_size).map(_to_float)
-        self._batches = ds.slice(slice(self.process_index, None, self.process_count))
+        self._examples = ds  # the endless stream, one example per flat position
+        self._batches = self._batched(ds)
+
+    def _batched(self, examples: grain.MapDataset) -> grain.MapDataset:
+        """Chunk k of ``examples`` holds positions [k*b, (k+1)*b); global batch s = chunks
+        s*P .. s*P+P-1, of which this process takes chunk s*P+p."""
+        ds = examples.batch(self.local_batch_size).map(_to_float)
+        return ds.slice(slice(self.process_index, None, self.process_count))
 
     def _decode(self, example: dict[str, Any]) -> dict[str, np.ndarray]:
         image = np.asarray(example["image"])
@@ -246,14 +256,28 @@ class ImageDataset:
         _check_int("step", step, 0)
         return self._batches[int(step)]
 
-    def iterator(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    def iterator(
+        self, start_step: int = 0, *, examples_seen: int | None = None
+    ) -> Iterator[dict[str, np.ndarray]]:
         """Endless iterator over ``batch(start_step), batch(start_step + 1), ...``.
 
         Batches are computed by ``num_threads`` worker threads and prefetched; the arrays are
         identical to those of ``batch``.
+
+        Args:
+          start_step: the step of the first batch.
+          examples_seen: the flat position of the first batch's first example (the examples a
+            run consumed before ``start_step``, which differs from ``start_step * B`` once its
+            batch size changed); the k-th batch then holds positions ``[examples_seen + k*B,
+            examples_seen + (k+1)*B)``. None: ``start_step * B``.
         """
         _check_int("start_step", start_step, 0)
-        ds = self._batches.slice(slice(int(start_step), None))
+        b = self.global_batch_size
+        if examples_seen is None or examples_seen == start_step * b:
+            ds = self._batches.slice(slice(int(start_step), None))
+        else:
+            _check_int("examples_seen", examples_seen, 0)
+            ds = self._batched(self._examples.slice(slice(int(examples_seen), None)))
         return iter(ds.to_iter_dataset(self._read_options))
 
     @property

@@ -16,9 +16,12 @@ anything is compiled or written, then writes into ``workdir``:
 
 Running it again on the same ``workdir`` resumes from the newest readable checkpoint with exactly
 the state, data order and randomness of an uninterrupted run (``metrics.jsonl`` is cut back to the
-checkpoint); on a finished run it only writes missing final outputs. SIGTERM saves a checkpoint
-at the current step and returns ``status="preempted"``. A non-finite loss or gradient norm stops
-the run with :class:`~ddpm_jax.errors.NonFiniteLossError` before anything non-finite is saved.
+checkpoint); on a finished run it only writes missing final outputs. The config may change between
+invocations within the limits of ``ddpm_jax.resume``; ``config_history.jsonl`` records each change
+(with the ``--allow_change`` fields) and, once the batch size changed, the data position.
+SIGTERM saves a checkpoint at the current step and returns ``status="preempted"``. A non-finite
+loss or gradient norm stops the run with :class:`~ddpm_jax.errors.NonFiniteLossError` before
+anything non-finite is saved.
 
 Only process 0 writes logs and images; every process takes part in training, checkpointing and
 sampling. Events (logging, checkpoints, grids) fire at the end of the compiled call in which their
@@ -34,7 +37,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -161,11 +164,15 @@ def run(
     dataset: data.Dataset | None = None,
     decode_fn: Callable[[jax.Array], jax.Array] | None = None,
     start_over: bool = False,
+    allow_change: Sequence[str] = (),
 ) -> RunResult:
     """Trains (or resumes) the diffusion model of ``config`` in ``workdir``.
 
     On an existing run the config is compared first (``resume.check_resume``); nothing in
-    ``workdir`` is written before the newest readable checkpoint has been restored.
+    ``workdir`` is written before the newest readable checkpoint has been restored. The changes
+    the resumed run takes are printed and appended to ``config_history.jsonl``; after a change
+    of ``train.batch_size`` the batches continue the data stream from the examples already seen
+    (``resume.data_position``).
 
     Args:
       config: a ConfigDict built from ``ddpm_jax.config.default_config()``.
@@ -181,6 +188,8 @@ def run(
         (e.g. a frozen VAE decoder), applied before the grids and ``samples.npz``.
       start_over: when the run has checkpoints and none can be restored, move them aside and
         train from step 0 (without it, that is an error and nothing is changed).
+      allow_change: the fields that change what is trained (``resume.TRAINING``) that this
+        resume may change (``--allow_change``); each change is recorded with ``"allowed"``.
 
     Returns:
       A :class:`RunResult`.
@@ -192,13 +201,16 @@ def run(
     config_lib.validate(config, device_count=jax.device_count(), process_count=jax.process_count())
     workdir = check_workdir(workdir)
     with trainer_lock(workdir):
-        changes = resume.check_resume(config, workdir)
+        changes = resume.check_resume(config, workdir, allow_change)
         lost = check_not_lost(workdir, config.train.checkpoint_every, start_over)
+        history = resume.read_history(workdir)  # every process, before process 0 appends to it
         ds = builders.build_dataset(config) if dataset is None else dataset
         model = builders.build_model(config, ds.num_classes) if model is None else model
         trainer = Trainer(config, workdir, ds, model, decode_fn)
         try:
-            result = trainer.run(step_callback, changes=changes, start_over=start_over, lost=lost)
+            result = trainer.run(
+                step_callback, changes=changes, history=history, start_over=start_over, lost=lost
+            )
         except BaseException:
             trainer.close(raise_errors=False)  # the first error is the one to report
             raise
@@ -264,14 +276,27 @@ class Trainer:
                 raise
 
     def run(
-        self, step_callback, *, changes: dict, start_over: bool = False, lost: bool = False
+        self,
+        step_callback,
+        *,
+        changes: dict,
+        history: Sequence[dict] = (),
+        start_over: bool = False,
+        lost: bool = False,
     ) -> RunResult:
         """Restores or initialises, trains, samples; SIGTERM at any point after the restore
-        saves the current step (when training) and returns ``status="preempted"``. ``lost``:
-        the run starts over records whose checkpoints are gone (:func:`check_not_lost`)."""
+        saves the current step (when training) and returns ``status="preempted"``.
+
+        Args:
+          step_callback: see :func:`run`.
+          changes: ``resume.check_resume``'s changes of the config.
+          history: ``resume.read_history`` of the workdir, read before anything was written.
+          start_over: see :func:`run`.
+          lost: the run starts over records whose checkpoints are gone (:func:`check_not_lost`).
+        """
         with PreemptionGuard() as self.preemption:
             try:
-                return self._run(step_callback, changes, start_over, lost)
+                return self._run(step_callback, changes, history, start_over, lost)
             except Exception as e:
                 unwritable = _unwritable(e)
                 if unwritable is None:
@@ -285,7 +310,7 @@ class Trainer:
                     "permissions, then run the same command again"
                 ) from e
 
-    def _run(self, step_callback, changes: dict, start_over: bool, lost: bool) -> RunResult:
+    def _run(self, step_callback, changes: dict, history, start_over: bool, lost: bool):
         tc = self.config.train
         had_checkpoints = bool(self.ckpt.all_steps())
         state, start = self.ckpt.restore_latest(self.abstract_state, start_over=start_over)
@@ -299,9 +324,12 @@ class Trainer:
             f"training state ({self.dp.kind}): {size['per_device']:,} bytes per device of "
             f"{size['total']:,} ({size['replicated']:,} replicated on every device)"
         )
+        batch = tc.batch_size
+        saved_batch = changes.get("train.batch_size", (batch, batch))[0]
+        position = resume.data_position(history, start, saved_batch, batch)
         if is_writer():  # the restore succeeded: now the run's files may change
             started_over = (had_checkpoints or lost) and start == 0
-            self._record_start(start, changes, started_over=started_over)
+            self._record_start(start, changes, position, started_over=started_over)
         self.records = RunRecords(self.workdir, start)
         os.makedirs(os.path.join(self.workdir, "samples"), exist_ok=True)
         if start >= tc.num_steps:
@@ -317,7 +345,9 @@ class Trainer:
             status = "preempted" if self.preemption.requested else "already_complete"
             ema = self.dp.gather(state.ema_params)
             return RunResult(status, start, self.workdir, self.metrics_path, path, ema)
-        status, step, state = self._loop(self.dp.to_step(state), start, step_callback)
+        status, step, state = self._loop(
+            self.dp.to_step(state), start, position.examples_seen, step_callback
+        )
         path = None
         if status == "completed":
             self._write_report()
@@ -335,8 +365,16 @@ class Trainer:
     def _has(self, name: str) -> bool:
         return os.path.exists(os.path.join(self.workdir, name))
 
-    def _record_start(self, start: int, changes: dict, started_over: bool) -> None:
-        """config.json, config_history.jsonl and metrics.jsonl after a restore (process 0)."""
+    def _record_start(
+        self, start: int, changes: dict, position: resume.DataPosition, started_over: bool
+    ) -> None:
+        """config.json, config_history.jsonl and metrics.jsonl after a restore (process 0).
+
+        ``config_history.jsonl`` gets one record ``{"step", "time"}`` with the config's
+        ``"changes"`` (``{field: [old, new]}``; ``"allowed"``: those let through by
+        ``--allow_change``) and, when ``position.record``, the data position (``"examples_seen"``
+        and the ``"batch_size"`` from this step on), before ``config.json`` is replaced.
+        """
         if started_over:  # a start over keeps the old records beside the new ones
             stamp = int(time.time())
             for name in _RECORDS:
@@ -344,19 +382,36 @@ class Trainer:
                     kept = os.path.join(self.workdir, f"{name}.{stamp}.before-step-0")
                     os.replace(os.path.join(self.workdir, name), kept)
                     warn(f"training starts from step 0: the earlier {name} was moved to {kept}")
+        record = dict(step=start, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         if changes and start > 0:
-            record = dict(step=start, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
             record["changes"] = {f: [a, b] for f, (a, b) in changes.items()}
-            JsonLines(os.path.join(self.workdir, "config_history.jsonl")).append(record)
-            listed = ", ".join(f"{f} {a!r} -> {b!r}" for f, (a, b) in changes.items())
-            log(f"config changes from step {start} on (config_history.jsonl): {listed}")
+            allowed = [f for f in changes if f in resume.TRAINING]
+            if allowed:
+                record["allowed"] = allowed
+            listed = ", ".join(
+                f"{f} {a!r} -> {b!r}" + (" (--allow_change)" if f in allowed else "")
+                for f, (a, b) in changes.items()
+            )
+            log(f"config changes from step {start} on ({resume.HISTORY_FILE}): {listed}")
+        if position.record:
+            batch, seen = self.config.train.batch_size, position.examples_seen
+            record.update(examples_seen=seen, batch_size=batch)
+            log(
+                f"data: batches of {batch} from step {start} on continue the shuffled stream "
+                f"after the {seen} examples seen (epoch {seen // self.ds.num_examples + 1})"
+            )
+        if len(record) > 2:
+            JsonLines(os.path.join(self.workdir, resume.HISTORY_FILE)).append(record)
         write_json(os.path.join(self.workdir, "config.json"), json.loads(self.config.to_json()))
 
-    def _loop(self, state, start: int, step_callback):
+    def _loop(self, state, start: int, examples_seen: int, step_callback):
         tc, dp, ckpt = self.config.train, self.dp, self.ckpt
         local_b = self.ds.local_batch_size
         index = (jax.process_index() * local_b + np.arange(local_b)).astype(np.int32)
-        batches = self.ds.iterator(start)
+        if examples_seen == start * self.ds.global_batch_size:
+            batches = self.ds.iterator(start)
+        else:  # the batch size changed: continue the stream after the examples seen
+            batches = self.ds.iterator(start, examples_seen=examples_seen)
         pending: list[tuple[int, dict]] = []  # (first step, metrics on device), not yet checked
         step, last_saved = start, start
         window = [time.time(), start]

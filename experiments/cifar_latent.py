@@ -105,7 +105,12 @@ def get_config() -> ml_collections.ConfigDict:
     return c
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = False) -> None:
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    start_over: bool = False,
+    allow_change: tuple[str, ...] = (),
+) -> None:
     t0 = time.time()
     log = lambda msg: print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True)
     d = config.data
@@ -131,6 +136,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = Fals
             log=log,
             preemption=preemption,
             start_over=start_over,
+            allow_change=allow_change,
         )
         if latent_run is None:
             return

@@ -94,7 +94,12 @@ def get_config() -> ml_collections.ConfigDict:
     return c
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = False) -> dict | None:
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    start_over: bool = False,
+    allow_change: tuple[str, ...] = (),
+) -> dict | None:
     """Trains (or resumes) and writes the per-prompt grids, ``samples.npz`` and metrics.
 
     SIGTERM in any phase (autoencoder, diffusion, sampling) stops it with nothing final written
@@ -118,6 +123,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = Fals
             log=log,
             preemption=preemption,
             start_over=start_over,
+            allow_change=allow_change,
         )
         if latent_run is None:
             return None

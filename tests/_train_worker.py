@@ -18,6 +18,10 @@ real runs:
 - ``--signal_in_sampling=SIGTERM``: the process sends itself the signal after the first round of
   every sampling call that can be stopped (the final samples, evaluations).
 
+and a probe: ``--print_first_batch`` prints, for each data iterator the run opens, a line
+``first batch: start_step=S examples_seen=N labels=[...] sha256=...`` (the labels and the
+image bytes of its first batch), so that a test can check where the data stream continued.
+
 The parent sets ``XLA_FLAGS`` (device count) and ``JAX_PLATFORMS``.
 """
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import os
 import signal
 import sys
@@ -33,8 +38,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
-from ddpm_jax import cli, train  # noqa: E402
+from ddpm_jax import cli, data, train  # noqa: E402
 from ddpm_jax.checkpoint import Checkpointer  # noqa: E402
 from ddpm_jax.config import default_config  # noqa: E402
 from ddpm_jax.generate import Generator  # noqa: E402
@@ -135,6 +141,25 @@ def _unreadable_on(process_and_step: str) -> None:
     Checkpointer._read = read
 
 
+def _print_first_batch() -> None:
+    original = data.ImageDataset.iterator
+
+    def iterator(self, start_step=0, *, examples_seen=None):
+        first, it = None, original(self, start_step, examples_seen=examples_seen)
+        for batch in it:
+            if first is None:
+                first = batch
+                digest = hashlib.sha256(np.ascontiguousarray(batch["image"])).hexdigest()
+                print(
+                    f"first batch: start_step={start_step} examples_seen={examples_seen} "
+                    f"labels={batch['label'].tolist()} sha256={digest}",
+                    flush=True,
+                )
+            yield batch
+
+    data.ImageDataset.iterator = iterator
+
+
 def main(argv: list[str]) -> None:
     hook = None
     rest = []
@@ -152,6 +177,8 @@ def main(argv: list[str]) -> None:
             _signal_in_sampling(value)
         elif name == "--unreadable_on_process":
             _unreadable_on(value)
+        elif name == "--print_first_batch":
+            _print_first_batch()
         else:
             rest.append(arg)
     if hook is not None:

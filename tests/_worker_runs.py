@@ -1,5 +1,6 @@
 """Helpers of the end-to-end tests that run ``tests/_train_worker.py`` in subprocesses."""
 
+import hashlib
 import json
 import os
 import socket
@@ -9,6 +10,7 @@ import sys
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_train_worker.py")
 
@@ -95,3 +97,29 @@ def free_port():
 def max_diff(a, b):
     """The largest absolute difference between two pytrees of arrays."""
     return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a, b)))
+
+
+def digest(directory):
+    """{relative path: sha256 of the content} of every file under ``directory``, and its dirs."""
+    out = {}
+    for root, dirs, files in os.walk(directory):
+        for d in dirs:
+            out[os.path.relpath(os.path.join(root, d), directory) + "/"] = None
+        for f in files:
+            path = os.path.join(root, f)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, directory)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+def cli_error(argv, capfd):
+    """Runs the worker's CLI in-process (for errors found before anything is compiled); returns
+    (exit code, stderr lines)."""
+    import _train_worker as worker
+
+    from ddpm_jax import cli
+
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(worker.tiny_config, argv)
+    return exit_info.value.code, capfd.readouterr().err.strip().splitlines()

@@ -156,6 +156,25 @@ def test_iterator_matches_batch_from_any_start():
         np.testing.assert_array_equal(got["label"], want["label"])
 
 
+def test_a_changed_batch_size_continues_the_stream_from_the_examples_seen():
+    """Batches of 4 for 3 steps, then of 10 (on 2 processes) from the 12 examples seen: the same
+    flat stream, flips included, as an unchanged run's (no example skipped or repeated)."""
+    kw = dict(n=10, seed=3, random_flip=True)
+    want = stream(index_dataset(batch=2, **kw), 31)
+    first = stream(index_dataset(batch=4, **kw), 3)
+    halves = [index_dataset(batch=10, process_index=p, process_count=2, **kw) for p in (0, 1)]
+    iters = [ds.iterator(3, examples_seen=12) for ds in halves]
+    rows = [decode(next(it)) for _ in range(5) for it in iters]  # process 0's rows first
+    got = [np.concatenate([first[i], *(r[i] for r in rows)]) for i in (0, 1)]
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert want[1].any() and not want[1].all()  # flips do happen, keyed by flat position
+    same = index_dataset(batch=6, **kw)  # the position of an unchanged run: batch(s) itself
+    np.testing.assert_array_equal(
+        next(same.iterator(3, examples_seen=18))["image"], same.batch(3)["image"]
+    )
+
+
 def test_num_examples_caps_the_epoch():
     ds = index_dataset(n=100, batch=5, num_examples=15)
     assert ds.num_examples == 15

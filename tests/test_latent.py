@@ -256,6 +256,7 @@ def test_latent_digits_sampling_recipe_tolerates_an_imperfect_network(delta):
         ("--config.latent.text_num_heads=3", "text_num_heads"),
         ("--config.sample.num_samples=8", "num_samples"),
         ("--config.latent.image_size=30", "image_size"),
+        ("--allow_change=latent.vae_steps", "latent.vae_steps fixes what the run is"),
     ],
 )
 def test_latent_cli_reports_a_bad_config_in_one_line(tmp_path, capsys, flag, field):

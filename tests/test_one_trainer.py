@@ -12,7 +12,6 @@ import time
 import _worker_runs as wr
 import numpy as np
 import pytest
-from test_resume import _cli_error, _digest
 
 from ddpm_jax import cli
 from ddpm_jax.errors import UsageError
@@ -109,19 +108,19 @@ def test_a_run_whose_checkpoints_are_gone_is_refused_until_the_user_starts_over(
     workdir = str(tmp_path / "run")
     shutil.copytree(ref_dir, workdir)
     shutil.move(os.path.join(workdir, "checkpoints"), str(tmp_path / "moved_away"))
-    before = _digest(workdir)
-    code, err = _cli_error(["prog", f"--workdir={workdir}"], capfd)
+    before = wr.digest(workdir)
+    code, err = wr.cli_error(["prog", f"--workdir={workdir}"], capfd)
     assert code == cli.EXIT_USAGE and len(err) == 1, err
     assert "holds the records of a run (samples.npz, metrics.jsonl up to step 12)" in err[0]
     assert "no checkpoint" in err[0] and "--start_over" in err[0]
-    after = _digest(workdir)
+    after = wr.digest(workdir)
     after.pop(LOCK_FILE), before.pop(LOCK_FILE, None)
     assert after == before  # every file unchanged (sha256), the lock file aside
 
     proc = wr.launch(cache_dir, workdir, "--start_over")
     wr.check_ok(proc)
     assert "new run in" in proc.stdout
-    moved = _digest(workdir)
+    moved = wr.digest(workdir)
     for name in ("metrics.jsonl", "samples.npz", "report.png", "samples/step_0000012.png"):
         top, _, rest = name.partition("/")
         end = f".before-step-0/{rest}" if rest else ".before-step-0"

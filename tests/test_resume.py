@@ -17,13 +17,11 @@ every step logged) is compared with:
 """
 
 import glob
-import hashlib
 import json
 import os
 import shutil
 import sys
 
-import _train_worker as worker
 import _worker_runs as wr
 import numpy as np
 import pytest
@@ -72,36 +70,15 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(reference, cache_dir, 
         np.testing.assert_array_equal(a["images"], b["images"])
 
 
-def _digest(directory):
-    """{relative path: sha256 of the content} of every file under ``directory``, and its dirs."""
-    out = {}
-    for root, dirs, files in os.walk(directory):
-        for d in dirs:
-            out[os.path.relpath(os.path.join(root, d), directory) + "/"] = None
-        for f in files:
-            path = os.path.join(root, f)
-            with open(path, "rb") as fh:
-                out[os.path.relpath(path, directory)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
-
-
-def _cli_error(argv, capfd):
-    """Runs the worker's CLI in-process; returns (exit code, stderr lines)."""
-    capfd.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(worker.tiny_config, argv)
-    return exit_info.value.code, capfd.readouterr().err.strip().splitlines()
-
-
 def test_a_changed_model_is_refused_and_the_workdir_is_untouched(reference, tmp_path, capfd):
     ref_dir, _ = reference
     workdir = str(tmp_path / "run")
     shutil.copytree(ref_dir, workdir)
-    before = _digest(workdir)
-    code, err = _cli_error(["prog", f"--workdir={workdir}", "--config.model.ch=48"], capfd)
+    before = wr.digest(workdir)
+    code, err = wr.cli_error(["prog", f"--workdir={workdir}", "--config.model.ch=48"], capfd)
     assert code == cli.EXIT_USAGE and len(err) == 1, err
     assert "model.ch was 16, now 48" in err[0] and "new --workdir" in err[0]
-    assert _digest(workdir) == before  # byte for byte: checkpoints, config, metrics
+    assert wr.digest(workdir) == before  # byte for byte: checkpoints, config, metrics
 
 
 def test_more_steps_resume_from_the_last_step_and_the_change_is_recorded(
@@ -135,12 +112,12 @@ def test_no_readable_checkpoint_is_an_error_until_the_user_starts_over(
     for path in glob.glob(os.path.join(workdir, "checkpoints", "*", "default", "d", "*")):
         with open(path, "r+b") as f:
             f.truncate(16)
-    before = _digest(workdir)
-    code, err = _cli_error(["prog", f"--workdir={workdir}"], capfd)
+    before = wr.digest(workdir)
+    code, err = wr.cli_error(["prog", f"--workdir={workdir}"], capfd)
     assert code == cli.EXIT_USAGE and len(err) == 1, err
     assert "no checkpoint" in err[0] and "12 (" in err[0] and "4 (" in err[0]
     assert "--start_over" in err[0]
-    assert _digest(workdir) == before
+    assert wr.digest(workdir) == before
 
     proc = wr.launch(cache_dir, workdir, "--start_over")
     wr.check_ok(proc)

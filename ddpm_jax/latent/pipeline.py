@@ -68,6 +68,7 @@ def train_latent(
     *,
     preemption: PreemptionGuard | None = None,
     start_over: bool = False,
+    allow_change: Sequence[str] = (),
 ) -> LatentRun | None:
     """Latent diffusion end to end: frozen VAE → scaled latents → prompt-conditioned run loop.
 
@@ -86,7 +87,7 @@ def train_latent(
       log: progress printer.
       preemption: the caller's active guard, to stop the autoencoder's training on SIGTERM (the
         diffusion phase has its own); None: that phase ignores preemption notices.
-      start_over: see ``ddpm_jax.train.run``.
+      start_over / allow_change: see ``ddpm_jax.train.run``.
 
     Returns:
       The :class:`LatentRun`, or None when a preemption notice stopped the training.
@@ -102,7 +103,7 @@ def train_latent(
     tokenizer = Tokenizer.from_prompts(prompts, max_length=c.text_max_length)
     model = builders.build_prompt_unet(config, tokenizer, prompts)
     workdir = check_workdir(workdir)
-    resume.check_resume(config, workdir)  # before anything is written
+    resume.check_resume(config, workdir, allow_change)  # before anything is written
     config_path = os.path.join(workdir, "config.json")
     if is_writer() and not os.path.exists(config_path):  # a re-run of the VAE phase compares too
         write_json(config_path, json.loads(config.to_json()))
@@ -147,7 +148,13 @@ def train_latent(
         log("preempted (SIGTERM) before the diffusion phase; run the same command again")
         return None
     result = train.run(
-        config, workdir, model=model, dataset=dataset, decode_fn=decode_fn, start_over=start_over
+        config,
+        workdir,
+        model=model,
+        dataset=dataset,
+        decode_fn=decode_fn,
+        start_over=start_over,
+        allow_change=allow_change,
     )
     if result.status == "preempted":
         return None
