@@ -216,7 +216,9 @@ def main(
     fv = _define_flags(get_config(), argv)  # an error here is the experiment's bug
     try:
         extra = fv(argv)[1:]
-    except flags.Error as e:  # config_flags reports bad --config.* overrides as flags.Error
+    # What parsing raises for a bad flag or --config.* override (ml_collections raises
+    # AttributeError / KeyError / TypeError / ValueError for an unknown field or a bad value).
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
         _fail(f"bad command line: {e}")
     if extra:
         _fail(f"unexpected positional arguments {extra}")

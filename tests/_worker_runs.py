@@ -100,12 +100,17 @@ def max_diff(a, b):
 
 
 def digest(directory):
-    """{relative path: sha256 of the content} of every file under ``directory``, and its dirs."""
+    """{relative path: sha256 of the content} of every file under ``directory``, and its dirs;
+    the trainer lock file aside (every invocation writes its pid into it)."""
+    from ddpm_jax.workdir import LOCK_FILE
+
     out = {}
     for root, dirs, files in os.walk(directory):
         for d in dirs:
             out[os.path.relpath(os.path.join(root, d), directory) + "/"] = None
         for f in files:
+            if f == LOCK_FILE:
+                continue
             path = os.path.join(root, f)
             with open(path, "rb") as fh:
                 out[os.path.relpath(path, directory)] = hashlib.sha256(fh.read()).hexdigest()
