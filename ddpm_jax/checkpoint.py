@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -48,6 +49,10 @@ from jax.experimental import multihost_utils
 from ddpm_jax.errors import CheckpointFault, UsageError
 
 PyTree = Any
+
+
+def _drop_read_only_notice(record: logging.LogRecord) -> bool:
+    return "is read only" not in record.getMessage()
 
 
 def _warn(message: str) -> None:
@@ -119,9 +124,15 @@ class Checkpointer:
             (jax.Array, th.ArrayHandler(use_replica_parallel=self._replica_parallel)),
         )
         self._handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
-        return ocp.CheckpointManager(
-            self.directory, options=self._options, item_handlers=self._handler
-        )
+        # Orbax warns on every read-only open (it is what a reader asked for, not news).
+        absl_logger = logging.getLogger("absl")
+        absl_logger.addFilter(_drop_read_only_notice)
+        try:
+            return ocp.CheckpointManager(
+                self.directory, options=self._options, item_handlers=self._handler
+            )
+        finally:
+            absl_logger.removeFilter(_drop_read_only_notice)
 
     def all_steps(self) -> list[int]:
         """Steps of the complete checkpoints on disk, ascending."""

@@ -9,6 +9,8 @@ real runs:
 - ``--signal_at=STEP:SIGKILL|SIGTERM``: the process sends itself the signal right after the
   compiled call that completes update ``STEP`` (a kill or a preemption notice between
   checkpoints);
+- ``--sleep_per_step=SECONDS``: the process sleeps after each compiled call (a slow run, for
+  readers to overlap with; the results are unchanged);
 - ``--kill_in_save=STEP``: SIGKILL right after the checkpoint of ``STEP`` started writing (its
   files are incomplete on disk);
 - ``--unreadable_on_process=P:STEP``: process ``P`` finds checkpoint ``STEP`` damaged (reading it
@@ -30,6 +32,7 @@ import functools
 import os
 import signal
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -81,6 +84,10 @@ def _signal_hook(step_and_signal: str):
             os.kill(os.getpid(), signum)
 
     return callback
+
+
+def _sleep_hook(seconds: str):
+    return lambda done: time.sleep(float(seconds))
 
 
 def _patch_save(step: int, action) -> None:
@@ -152,6 +159,8 @@ def main(argv: list[str]) -> None:
         name, _, value = arg.partition("=")
         if name == "--signal_at":
             hook = _signal_hook(value)
+        elif name == "--sleep_per_step":
+            hook = _sleep_hook(value)
         elif name == "--kill_in_save":
             _patch_save(int(value), _kill_in_save)
         elif name == "--fill_disk_at":
