@@ -7,10 +7,17 @@
 - the last ``max_to_keep`` checkpoints are kept;
 - an interrupted save leaves only an Orbax temporary directory, which is ignored and cleaned up;
 - :meth:`Checkpointer.restore_latest` restores the newest checkpoint that every process can read,
-  the processes agreeing on each candidate; unreadable newer ones are moved aside to
-  ``<directory>.corrupt/`` (never deleted), a checkpoint of another structure is a user's
-  mistake (not damage), and when none can be read nothing is changed unless the user asks to
-  start over.
+  the processes agreeing on each candidate; newer ones whose files are damaged (truncated,
+  missing, undecodable) are moved aside to ``<directory>.corrupt/`` (never deleted), a checkpoint
+  of another structure is a user's mistake (not damage), a failure of the environment (permission
+  denied, an I/O error, device memory) stops with nothing moved, and when none can be read
+  nothing is changed unless the user asks to start over;
+- ``read_only=True`` opens a run's checkpoints for reading only (sampling, evaluation), even while
+  the run trains: nothing is created, cleaned up, moved or deleted, and an Orbax temporary
+  directory (a save in progress) is left alone and ignored.
+
+:func:`read_failure` and :func:`write_failure` tell, from an exception chain, damaged files from
+a failure of the environment (by what Python, Orbax and tensorstore raise).
 
 Every process must call every method (Orbax and the restore agreement synchronise them); only
 process 0 writes the shared metadata and moves damaged checkpoints.
@@ -18,7 +25,11 @@ process 0 writes the shared metadata and moves damaged checkpoints.
 
 from __future__ import annotations
 
+import errno
+import json
+import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -30,9 +41,13 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from ddpm_jax.errors import UsageError
+from ddpm_jax.errors import CheckpointFault, UsageError
 
 PyTree = Any
+
+
+def _drop_read_only_notice(record: logging.LogRecord) -> bool:
+    return "is read only" not in record.getMessage()
 
 
 def _warn(message: str) -> None:
@@ -44,31 +59,50 @@ class Checkpointer:
     """Asynchronous Orbax checkpoints of a pytree in ``directory``, one per saved step.
 
     Args:
-      directory: checkpoint directory (created); steps are sub-directories named by number.
-      max_to_keep: number of most recent checkpoints kept.
+      directory: checkpoint directory (created unless ``read_only``); steps are sub-directories
+        named by number.
+      max_to_keep: number of most recent checkpoints kept (ignored when ``read_only``).
       async_save: write in a background thread (``save`` returns after the host copy).
       replica_parallel: let the replicas of a replicated array each write a slice of it
         (Orbax's replica-parallel saving). None: off on CPU, where all replicas share one host
         memory and the slicing only costs a compilation per array shape; Orbax's default
         elsewhere.
+      read_only: only read (a run's readers, possibly while it trains): the directory is not
+        created, temporary directories of saves in progress are neither cleaned up nor read,
+        :meth:`save` raises and :meth:`restore_latest` moves nothing.
     """
 
     def __init__(
         self,
         directory: str | os.PathLike,
         *,
-        max_to_keep: int,
+        max_to_keep: int | None = None,
         async_save: bool = True,
         replica_parallel: bool | None = None,
+        read_only: bool = False,
     ):
         self.directory = os.path.abspath(os.fspath(directory))
         self.corrupt_directory = self.directory + ".corrupt"
-        self._options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
-            create=True,
-            cleanup_tmp_directories=True,
-            enable_async_checkpointing=async_save,
-        )
+        self.read_only = read_only
+        if read_only:  # every option that could write, in the values Orbax's read_only wants
+            self._options = ocp.CheckpointManagerOptions(
+                read_only=True,
+                max_to_keep=None,
+                create=False,
+                cleanup_tmp_directories=False,
+                save_interval_steps=0,
+                enable_async_checkpointing=False,
+                lightweight_initialize=True,  # no metadata reads of steps the run may delete
+            )
+        else:
+            if max_to_keep is None:
+                raise ValueError("max_to_keep is required unless read_only")
+            self._options = ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep,
+                create=True,
+                cleanup_tmp_directories=True,
+                enable_async_checkpointing=async_save,
+            )
         if replica_parallel is None and jax.default_backend() == "cpu":
             replica_parallel = False
         self._replica_parallel = replica_parallel
@@ -85,9 +119,15 @@ class Checkpointer:
             (jax.Array, th.ArrayHandler(use_replica_parallel=self._replica_parallel)),
         )
         self._handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
-        return ocp.CheckpointManager(
-            self.directory, options=self._options, item_handlers=self._handler
-        )
+        # Orbax warns on every read-only open (it is what a reader asked for, not news).
+        absl_logger = logging.getLogger("absl")
+        absl_logger.addFilter(_drop_read_only_notice)
+        try:
+            return ocp.CheckpointManager(
+                self.directory, options=self._options, item_handlers=self._handler
+            )
+        finally:
+            absl_logger.removeFilter(_drop_read_only_notice)
 
     def all_steps(self) -> list[int]:
         """Steps of the complete checkpoints on disk, ascending."""
@@ -102,7 +142,11 @@ class Checkpointer:
 
         Returns:
           False when a checkpoint of ``step`` already exists (nothing is written), else True.
+
+        Raises:
+          RuntimeError: the checkpointer is read-only.
         """
+        self._check_writable("save")
         if step in self._manager.all_steps():
             return False
         return bool(self._manager.save(step, args=ocp.args.PyTreeSave(state), force=True))
@@ -136,6 +180,10 @@ class Checkpointer:
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
         args = ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args)
         return self._handler.restore(self._item_path(step), args=args)
+
+    def _check_writable(self, what: str) -> None:
+        if self.read_only:
+            raise RuntimeError(f"cannot {what}: the checkpoints in {self.directory} are read-only")
 
     def _item_path(self, step: int) -> epath.Path:
         return epath.Path(self.directory) / str(step) / "default"
@@ -174,18 +222,27 @@ class Checkpointer:
           so that training can save those steps again;
         - it holds a state of another structure (changed model, optimizer, image shape): that is
           not damage; :class:`~ddpm_jax.errors.UsageError`, nothing is changed;
+        - reading it fails without evidence that its files are damaged (see
+          :func:`read_failure`): nothing is changed, and no older checkpoint is tried. Permission
+          denied: :class:`~ddpm_jax.errors.UsageError`; anything else (an I/O error, device out
+          of memory, an unknown error): :class:`~ddpm_jax.errors.CheckpointFault`;
         - none restores: :class:`~ddpm_jax.errors.UsageError` naming them, nothing is changed;
           with ``start_over`` they are moved aside and ``(None, None)`` is returned.
+
+        Read-only, damaged checkpoints are skipped with a warning and left in place, and a
+        checkpoint that disappears while it is read (deleted by the training run) is skipped.
 
         Args:
           abstract_state: see :meth:`restore`.
           start_over: the user's explicit choice to start from step 0 when no checkpoint can be
-            restored.
+            restored (not when read-only).
 
         Returns:
           ``(state, step)``, or ``(None, None)`` when there is no checkpoint (or none restores
           and ``start_over``).
         """
+        if start_over and self.read_only:
+            raise ValueError("start_over needs a writable Checkpointer")
         failed: list[tuple[int, str]] = []
         for step in reversed(self._agreed_steps()):
             outcome, detail, state = _OK, "", None
@@ -195,19 +252,45 @@ class Checkpointer:
                     outcome = _MISMATCH
                 else:
                     state = self._read(step, abstract_state)
-            except Exception as e:  # noqa: BLE001 - any failure to read means "damaged".
-                outcome, detail = _DAMAGED, _first_line(e)
+            except Exception as e:  # noqa: BLE001 - classified: only damage moves files.
+                outcome, detail = _OUTCOME[read_failure(e)], _first_line(e)
+                if self.read_only and not os.path.isdir(os.path.join(self.directory, str(step))):
+                    outcome, detail = _VANISHED, ""  # deleted by the run (max_to_keep)
             outcome = _worst_over_processes(outcome)
+            elsewhere = "on another process"
             if outcome == _MISMATCH:
-                raise UsageError(self._mismatch_message(step, detail or "on another process"))
+                raise UsageError(self._mismatch_message(step, detail or elsewhere))
+            if outcome == _DENIED:
+                raise UsageError(
+                    f"cannot read checkpoint {step} in {self.directory}: permission denied "
+                    f"({detail or elsewhere}); nothing was moved. Fix the permissions, then run "
+                    "the same command again"
+                )
+            if outcome == _FAULT:
+                raise CheckpointFault(
+                    f"cannot read checkpoint {step} in {self.directory}: {detail or elsewhere}; "
+                    "this is not damage to its files, nothing was moved. Fix the cause, then "
+                    "run the same command again"
+                )
             if outcome == _OK:
-                if failed:
+                if failed and self.read_only:
+                    for s, d in failed:
+                        _warn(
+                            f"checkpoint {s} in {self.directory} cannot be restored ({d}); "
+                            f"left in place (read-only); using step {step}"
+                        )
+                elif failed:
                     self._move_aside(failed, f"resuming from step {step}")
                 return state, step
-            failed.append((step, detail or "unreadable on another process"))
+            if outcome == _DAMAGED:
+                failed.append((step, detail or "damaged on another process"))
         if not failed:
             return None, None
         listing = ", ".join(f"{s} ({d})" for s, d in failed)
+        if self.read_only:
+            raise UsageError(
+                f"no checkpoint in {self.directory} can be restored: {listing}; nothing was changed"
+            )
         if not start_over:
             raise UsageError(
                 f"no checkpoint in {self.directory} can be restored: {listing}; nothing was "
@@ -230,6 +313,7 @@ class Checkpointer:
     def _move_aside(self, failed: list[tuple[int, str]], then: str) -> None:
         """Moves unreadable checkpoints to ``<directory>.corrupt/`` (process 0), warning once
         for each."""
+        self._check_writable("move checkpoints aside")
         self._manager.close()
         if jax.process_index() == 0:
             os.makedirs(self.corrupt_directory, exist_ok=True)
@@ -248,7 +332,84 @@ class Checkpointer:
         self._manager = self._make_manager()
 
 
-_OK, _DAMAGED, _MISMATCH = 0, 1, 2  # outcomes of reading a checkpoint, ordered by severity
+# Outcomes of reading a checkpoint, ordered by severity (every process takes the worst).
+_OK, _VANISHED, _DAMAGED, _MISMATCH, _FAULT, _DENIED = range(6)
+DAMAGED, DENIED, FAULT = "damaged", "denied", "fault"
+_OUTCOME = {DAMAGED: _DAMAGED, DENIED: _DENIED, FAULT: _FAULT}
+
+# tensorstore raises ValueError("CODE: ...") (an absl status code), with "[os_error_code='N']"
+# when an OS call failed. Codes that say the bytes read are wrong or missing, and the messages
+# of undecodable files without a code (a damaged compressed block):
+_DAMAGE_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND")
+_DAMAGE_PHRASES = ("Error decoding", "Data corruption", "Invalid JSON", "Error parsing")
+_DENIED_ERRNOS = {errno.EACCES, errno.EPERM}
+# Write failures that mean "the directory cannot take more": full disk, quota, read-only, denied.
+_UNWRITABLE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, *_DENIED_ERRNOS}
+_STATUS = re.compile(r"^([A-Z_]{5,}): ")
+_OS_ERROR = re.compile(r"\[os_error_code='?(\d+)'?\]")
+_FILE = re.compile(r'(?:local file|Failed writing:) "([^"]+)"')
+
+
+def _chain(error: BaseException | None):
+    """``error`` and its causes and contexts (Orbax wraps the errors of its threads)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _errno(error: BaseException) -> int | None:
+    """The OS error number of an OSError, or of a tensorstore error's ``os_error_code``."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return error.errno
+    match = _OS_ERROR.search(str(error))
+    return int(match.group(1)) if match else None
+
+
+def _status(error: BaseException) -> str | None:
+    """The absl status code a tensorstore or XLA error's message starts with."""
+    match = _STATUS.match(str(error))
+    return match.group(1) if match else None
+
+
+def read_failure(error: BaseException) -> str:
+    """What a failure to read a checkpoint says about it: :data:`DAMAGED` only on evidence that
+    its files are incomplete or unparseable (a missing file, a truncated or undecodable data
+    file, unparseable metadata), :data:`DENIED` for a permission error, else :data:`FAULT` (an
+    I/O error, device out of memory, anything unknown: the environment failed, not the files).
+    """
+    chain = list(_chain(error))
+    codes = [_errno(e) for e in chain]
+    if any(c in _DENIED_ERRNOS for c in codes) or any(
+        _status(e) == "PERMISSION_DENIED" for e in chain
+    ):
+        return DENIED
+    if any(c is not None and c != errno.ENOENT for c in codes):
+        return FAULT  # EIO, ENOSPC, ESTALE ...: the OS failed, not the checkpoint's bytes
+    for e in chain:
+        if isinstance(e, (FileNotFoundError, json.JSONDecodeError)):
+            return DAMAGED
+        text = str(e)
+        if _status(e) in _DAMAGE_CODES or any(p in text for p in _DAMAGE_PHRASES):
+            return DAMAGED
+    return FAULT
+
+
+def write_failure(error: BaseException) -> str | None:
+    """``"<reason> (<file>)"`` when ``error``'s chain says the checkpoint directory cannot be
+    written (a full disk or quota, a read-only filesystem, permission denied): an ``OSError``,
+    or the ``ValueError`` that tensorstore raises in Orbax's background write
+    (``RESOURCE_EXHAUSTED: ... No space left on device [os_error_code='28']``); else None."""
+    for e in _chain(error):
+        code = _errno(e)
+        if code in _UNWRITABLE_ERRNOS:
+            path = e.filename if isinstance(e, OSError) else None
+            if path is None:
+                match = _FILE.search(str(e))
+                path = match.group(1) if match else "a checkpoint file"
+            return f"{os.strerror(code)} ({path})"
+    return None
 
 
 def _worst_over_processes(outcome: int) -> int:
@@ -279,4 +440,4 @@ def _shapes(tree: PyTree) -> dict[str, tuple]:
     }
 
 
-__all__ = ["Checkpointer"]
+__all__ = ["Checkpointer", "read_failure", "write_failure"]

@@ -26,7 +26,9 @@ Flags:
 This is the one place where exceptions become exit codes (:func:`guarded`): a user's mistake
 (``ddpm_jax.errors.UsageError``: invalid config or flag, missing or unwritable workdir,
 unavailable dataset or weights) is reported as ONE line on stderr with exit code 2, before
-anything is compiled; a non-finite loss (``NonFiniteLossError``) is one line with exit code 1; any
+anything is compiled; a non-finite loss (``NonFiniteLossError``) and a checkpoint that cannot be
+read for a reason other than damage (``CheckpointFault``: an I/O error, device memory) are one line
+with exit code 1; any
 other exception is a bug and keeps its traceback (exit code 1). A finished, resumed-and-finished
 or preempted (SIGTERM) run exits with 0. The other commands (``experiments.evaluate``,
 ``experiments.sample``) run their work through :func:`guarded` too.
@@ -43,7 +45,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from ddpm_jax.errors import NonFiniteLossError, UsageError
+from ddpm_jax.errors import CheckpointFault, NonFiniteLossError, UsageError
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 1
@@ -60,13 +62,13 @@ def _fail(message: str, code: int = EXIT_USAGE) -> None:
 
 def guarded(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)``, with a ``UsageError`` turned into one line on stderr and exit
-    code 2, and a ``NonFiniteLossError`` into one line and exit code 1; any other exception
-    propagates with its traceback."""
+    code 2, and a ``NonFiniteLossError`` or ``CheckpointFault`` into one line and exit code 1;
+    any other exception propagates with its traceback."""
     try:
         return fn(*args, **kwargs)
     except UsageError as e:
         _fail(str(e))
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, CheckpointFault) as e:
         _fail(str(e), EXIT_DIVERGED)
 
 

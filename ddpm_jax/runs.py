@@ -101,12 +101,16 @@ class LoadedRun:
 def load_run(workdir: str | os.PathLike) -> LoadedRun:
     """Loads a training run's config and the EMA parameters of its newest checkpoint.
 
-    Nothing in ``workdir`` is changed. No dataset is built: the image shape and classes of a
-    pixel run come from the dataset's metadata; a latent run's come from ``latent.json`` and its
-    frozen autoencoder from ``vae.msgpack``.
+    Nothing in ``workdir`` is changed, and the run may be training meanwhile: the newest complete
+    checkpoint is read (a damaged one is skipped with a warning and left in place). No dataset
+    is built: the image shape and classes of a pixel run come from the dataset's metadata; a
+    latent run's come from ``latent.json`` and its frozen autoencoder from ``vae.msgpack``.
 
     Raises:
-      UsageError: no such run, no ``config.json``, an invalid config, or no checkpoint.
+      UsageError: no such run, no ``config.json``, an invalid config, no readable checkpoint, or
+        permission denied.
+      CheckpointFault: reading the newest checkpoint failed in another way than damaged files
+        (an I/O error, device out of memory).
     """
     path = os.path.abspath(os.fspath(workdir))
     config_path = os.path.join(path, "config.json")
@@ -145,12 +149,12 @@ def load_run(workdir: str | os.PathLike) -> LoadedRun:
     )
     if not os.path.isdir(ckpt_dir):
         raise UsageError(f"workdir={path!r} has no checkpoint in {ckpt_dir}; train it first")
-    ckpt = Checkpointer(ckpt_dir, max_to_keep=config.train.keep_checkpoints)
+    # Read-only: the run may be training (an Orbax temporary directory is a save in progress).
+    ckpt = Checkpointer(ckpt_dir, read_only=True)
     try:
-        step = ckpt.latest_step()
+        state, step = ckpt.restore_latest(abstract)
         if step is None:
             raise UsageError(f"workdir={path!r} has no complete checkpoint in {ckpt_dir}")
-        state = ckpt.restore(step, abstract)
     finally:
         ckpt.close()
     d = config.data

@@ -31,7 +31,6 @@ step is reached (``train.steps_per_call`` steps per call).
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import math
 import os
@@ -47,7 +46,7 @@ import numpy as np
 
 from ddpm_jax import builders, data, images, parallel, resume
 from ddpm_jax import config as config_lib
-from ddpm_jax.checkpoint import Checkpointer
+from ddpm_jax.checkpoint import Checkpointer, write_failure
 from ddpm_jax.errors import NonFiniteLossError, UsageError
 from ddpm_jax.evaluation.during_training import PeriodicEvaluation, summary
 from ddpm_jax.generate import Generator
@@ -72,8 +71,6 @@ from ddpm_jax.workdir import (
 _MAX_PENDING_CALLS = 64  # fetch metrics at least this often (bounds host memory)
 # A run's records, moved aside (never deleted) when it starts over from step 0.
 _RECORDS = ("metrics.jsonl", "config_history.jsonl", "samples.npz", "report.png", "samples")
-# Write failures that mean "the workdir cannot take more": full disk, quota, read-only, denied.
-_UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def check_not_lost(workdir: str, checkpoint_every: int, start_over: bool) -> bool:
@@ -118,18 +115,6 @@ def _get(tree: dict, field: str, default: Any = math.inf) -> Any:
             return default
         tree = tree[part]
     return tree
-
-
-def _unwritable(error: BaseException) -> OSError | None:
-    """The OSError of an unwritable workdir in ``error``'s chain (Orbax wraps its writers'
-    errors), or None."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in _UNWRITABLE:
-            return error
-        error = error.__cause__ or error.__context__
-    return None
 
 
 @dataclasses.dataclass
@@ -298,14 +283,14 @@ class Trainer:
             try:
                 return self._run(step_callback, changes, history, start_over, lost)
             except Exception as e:
-                unwritable = _unwritable(e)
+                # A full disk may surface from Orbax's background write as a tensorstore error.
+                unwritable = write_failure(e)
                 if unwritable is None:
                     raise
                 kept = self.ckpt.latest_step()
                 kept = "none was written" if kept is None else f"step {kept}"
                 raise UsageError(
-                    f"cannot write in {self.workdir}: {unwritable.strerror} "
-                    f"({unwritable.filename or 'a checkpoint file'}); the last complete "
+                    f"cannot write in {self.workdir}: {unwritable}; the last complete "
                     f"checkpoint is {kept} in {self.ckpt.directory}. Free space or fix the "
                     "permissions, then run the same command again"
                 ) from e

@@ -9,12 +9,18 @@ real runs:
 - ``--signal_at=STEP:SIGKILL|SIGTERM``: the process sends itself the signal right after the
   compiled call that completes update ``STEP`` (a kill or a preemption notice between
   checkpoints);
+- ``--sleep_per_step=SECONDS``: the process sleeps after each compiled call (a slow run, for
+  readers to overlap with; the results are unchanged);
 - ``--kill_in_save=STEP``: SIGKILL right after the checkpoint of ``STEP`` started writing (its
   files are incomplete on disk);
-- ``--unreadable_on_process=P:STEP``: process ``P`` cannot read checkpoint ``STEP`` (as if its view
-  of the shared filesystem were damaged);
-- ``--fail_writes_at=STEP``: saving the checkpoint of ``STEP`` fails with ENOSPC (a full disk);
-- ``--sleep_per_call=SECONDS``: a slower run (sleeps after every compiled training call);
+- ``--unreadable_on_process=P:STEP``: process ``P`` finds checkpoint ``STEP`` damaged (reading it
+  raises what tensorstore raises for a truncated data file), as if its view of the shared
+  filesystem were damaged;
+- ``--restore_fault=STEP:permission|eio|oom``: reading checkpoint ``STEP`` fails with a permission
+  error, an I/O error (EIO) or a device out-of-memory error (a fault, not damage);
+- ``--fill_disk_at=STEP:PATH``: before the checkpoint of ``STEP`` is saved (the earlier ones
+  complete on disk), the file ``PATH`` is written until its filesystem is full, so that Orbax's
+  background write really fails with ENOSPC (``PATH`` on a small tmpfs);
 - ``--signal_in_sampling=SIGTERM``: the process sends itself the signal after the first round of
   every sampling call that can be stopped (the final samples, evaluations).
 
@@ -89,6 +95,10 @@ def _signal_hook(step_and_signal: str):
     return callback
 
 
+def _sleep_hook(seconds: str):
+    return lambda done: time.sleep(float(seconds))
+
+
 def _patch_save(step: int, action) -> None:
     original = Checkpointer.save
 
@@ -106,8 +116,20 @@ def _kill_in_save(original, self, step, state):
     return started
 
 
-def _disk_full(original, self, step, state):
-    raise OSError(errno.ENOSPC, "No space left on device", f"{self.directory}/{step}")
+def _fill_disk(path: str):
+    def action(original, self, step, state):
+        self.wait()  # the earlier checkpoints are complete: only this one cannot be written
+        with open(path, "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+        return original(self, step, state)
+
+    return action
 
 
 def _signal_in_sampling(name: str) -> None:
@@ -129,13 +151,12 @@ def _signal_in_sampling(name: str) -> None:
     Generator.__call__ = call
 
 
-def _unreadable_on(process_and_step: str) -> None:
-    process, step = (int(v) for v in process_and_step.split(":"))
+def _patch_read(step: int, make_error, process: int | None = None) -> None:
     original = Checkpointer._read
 
     def read(self, s, abstract_state):
-        if s == step and jax.process_index() == process:
-            raise OSError(errno.EIO, "Input/output error (test)", f"{self.directory}/{s}")
+        if s == step and process in (None, jax.process_index()):
+            raise make_error(f"{self.directory}/{s}")
         return original(self, s, abstract_state)
 
     Checkpointer._read = read
@@ -160,6 +181,24 @@ def _print_first_batch() -> None:
     data.ImageDataset.iterator = iterator
 
 
+def _truncated(path: str) -> Exception:
+    # What tensorstore raises for a truncated data file (a checkpoint's files are damaged).
+    return ValueError(
+        f'OUT_OF_RANGE: Error reading "params/.zarray" in OCDBT database at local file "{path}/"'
+        " (test)"
+    )
+
+
+RESTORE_FAULTS = {
+    "permission": lambda path: PermissionError(errno.EACCES, "Permission denied (test)", path),
+    "eio": lambda path: OSError(errno.EIO, "Input/output error (test)", path),
+    # What jax raises when a device runs out of memory (an XlaRuntimeError).
+    "oom": lambda path: jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1073741824 bytes (test)"
+    ),
+}
+
+
 def main(argv: list[str]) -> None:
     hook = None
     rest = []
@@ -167,16 +206,21 @@ def main(argv: list[str]) -> None:
         name, _, value = arg.partition("=")
         if name == "--signal_at":
             hook = _signal_hook(value)
+        elif name == "--sleep_per_step":
+            hook = _sleep_hook(value)
         elif name == "--kill_in_save":
             _patch_save(int(value), _kill_in_save)
-        elif name == "--fail_writes_at":
-            _patch_save(int(value), _disk_full)
-        elif name == "--sleep_per_call":
-            hook = lambda done, s=float(value): time.sleep(s)
+        elif name == "--fill_disk_at":
+            step, _, path = value.partition(":")
+            _patch_save(int(step), _fill_disk(path))
+        elif name == "--unreadable_on_process":
+            process, step = (int(v) for v in value.split(":"))
+            _patch_read(step, _truncated, process)
+        elif name == "--restore_fault":
+            step, kind = value.split(":")
+            _patch_read(int(step), RESTORE_FAULTS[kind])
         elif name == "--signal_in_sampling":
             _signal_in_sampling(value)
-        elif name == "--unreadable_on_process":
-            _unreadable_on(value)
         elif name == "--print_first_batch":
             _print_first_batch()
         else:

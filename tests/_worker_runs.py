@@ -79,13 +79,14 @@ def checkpoint_steps(workdir):
     return sorted(int(p) for p in os.listdir(os.path.join(workdir, "checkpoints")) if p.isdigit())
 
 
-def params(workdir, step):
-    """The parameters of a checkpoint as numpy arrays (whatever devices wrote it)."""
+def params(workdir, step, key="params"):
+    """The parameters (``key="ema_params"``: the EMA parameters) of a checkpoint as numpy arrays
+    (whatever devices wrote it)."""
     path = os.path.join(workdir, "checkpoints", str(step), "default")
     ckptr = ocp.PyTreeCheckpointer()
     tree = ckptr.metadata(path).item_metadata.tree
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))["params"]
+    return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))[key]
 
 
 def free_port():

@@ -1,7 +1,11 @@
 """Tests of ddpm_jax.checkpoint: round trip, keep-last-K, asynchronous saves with donation,
-fallback past corrupt or incomplete checkpoints, and the SIGTERM guard."""
+fallback past corrupt or incomplete checkpoints (and only those: faults of the environment stop
+with nothing moved), and read-only readers."""
 
+import errno
 import glob
+import hashlib
+import json
 import os
 
 import jax
@@ -9,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import parallel
+from ddpm_jax import checkpoint, parallel
 from ddpm_jax import state as st
 from ddpm_jax.checkpoint import Checkpointer
-from ddpm_jax.errors import UsageError
+from ddpm_jax.errors import CheckpointFault, UsageError
 
 OPT = st.make_optimizer(lr=1e-3, warmup_steps=2)
 
@@ -89,18 +93,29 @@ def test_async_save_is_safe_with_donation(dp, tmp_path):
 
 # A failed tensorstore read can leave a callback for Orbax's closed event loop (harmless).
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.parametrize("damage", ["truncate_data", "delete_metadata"])
+@pytest.mark.parametrize(
+    "damage", ["truncate_data", "garbage_data", "delete_metadata", "garbage_metadata"]
+)
 def test_corrupt_latest_falls_back_to_previous(dp, tmp_path, capfd, damage):
     d = str(tmp_path / "ckpt")
     _save_steps(dp, d, (4, 8))
+    files = glob.glob(f"{d}/8/default/d/*")
+    assert files
     if damage == "truncate_data":
-        files = glob.glob(f"{d}/8/default/d/*")
-        assert files
         for f in files:
             with open(f, "r+b") as fh:
                 fh.truncate(7)
-    else:
+    elif damage == "garbage_data":  # same size, the second half overwritten
+        for f in files:
+            with open(f, "r+b") as fh:
+                size = os.path.getsize(f)
+                fh.seek(size // 2)
+                fh.write(b"\xa5" * (size - size // 2))
+    elif damage == "delete_metadata":
         os.remove(f"{d}/8/default/_METADATA")
+    else:
+        with open(f"{d}/8/default/_METADATA", "w") as fh:
+            fh.write("{garbage")
     ckpt = Checkpointer(d, max_to_keep=10)
     restored, step = ckpt.restore_latest(_abstract(dp))
     err = capfd.readouterr().err
@@ -146,3 +161,142 @@ def test_a_state_of_another_structure_is_a_usage_error_not_damage(dp, tmp_path):
         ckpt.restore_latest(abstract)
     ckpt.close()
     assert sorted(os.listdir(d)) == ["4", "8"] and not os.path.exists(d + ".corrupt")
+
+
+def _digest(directory):
+    """{relative path: sha256} of every file and directory under ``directory``."""
+    out = {}
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            out[os.path.relpath(os.path.join(root, name), directory) + "/"] = None
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, directory)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+def test_read_only_ignores_a_save_in_progress_and_changes_nothing(dp, tmp_path):
+    d = str(tmp_path / "ckpt")
+    _save_steps(dp, d, (4, 6))
+    # A save in progress of another process (the training run): Orbax's temporary directory.
+    os.makedirs(f"{d}/7.orbax-checkpoint-tmp-123/default")
+    with open(f"{d}/7.orbax-checkpoint-tmp-123/default/_METADATA", "w") as fh:
+        fh.write("{partial")
+    before = _digest(str(tmp_path))
+    ckpt = Checkpointer(d, read_only=True)
+    assert ckpt.all_steps() == [4, 6]
+    restored, step = ckpt.restore_latest(_abstract(dp))
+    assert step == 6
+    _assert_state_equal(restored, _state_at(dp, 6))
+    with pytest.raises(RuntimeError, match="read-only"):
+        ckpt.save(8, _state_at(dp, 8))
+    ckpt.close()
+    assert _digest(str(tmp_path)) == before  # the temporary directory too, byte for byte
+
+    missing = str(tmp_path / "none")
+    ckpt = Checkpointer(missing, read_only=True)
+    assert ckpt.restore_latest(_abstract(dp)) == (None, None)
+    ckpt.close()
+    assert not os.path.exists(missing)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_read_only_skips_a_damaged_checkpoint_and_leaves_it(dp, tmp_path, capfd):
+    d = str(tmp_path / "ckpt")
+    _save_steps(dp, d, (4, 8))
+    os.remove(f"{d}/8/default/_METADATA")
+    before = _digest(str(tmp_path))
+    ckpt = Checkpointer(d, read_only=True)
+    restored, step = ckpt.restore_latest(_abstract(dp))
+    ckpt.close()
+    assert step == 4
+    _assert_state_equal(restored, _state_at(dp, 4))
+    assert "checkpoint 8" in capfd.readouterr().err
+    assert _digest(str(tmp_path)) == before
+
+
+# What reading a checkpoint raised, and what it says about the checkpoint. The tensorstore and
+# JSON errors are the ones Orbax 0.12 raised for the damage named (tests above make them).
+_TS = 'Error reading "step/.zarray" in OCDBT database at local file "/c/8/default/"'
+READ_FAILURES = [
+    (ValueError(f"OUT_OF_RANGE: {_TS}: Error reading Byte range [0, 422)"), "damaged"),  # short
+    (ValueError(f"NOT_FOUND: {_TS}"), "damaged"),  # a data file deleted
+    (ValueError(f"DATA_LOSS: {_TS}: Error decoding local file"), "damaged"),  # garbage manifest
+    (ValueError(f"{_TS}: ZSTD_decompressStream() failed: Data corruption detected"), "damaged"),
+    (
+        ValueError('FAILED_PRECONDITION: Error reading local file "/c/_sharding": Invalid JSON'),
+        "damaged",
+    ),
+    (json.JSONDecodeError("Expecting value", "", 0), "damaged"),  # garbage _METADATA
+    (FileNotFoundError("Metadata file (named _METADATA) does not exist"), "damaged"),
+    (PermissionError(errno.EACCES, "Permission denied"), "denied"),
+    (OSError(errno.EPERM, "Operation not permitted"), "denied"),
+    (ValueError(f"PERMISSION_DENIED: {_TS}: Permission denied [os_error_code='13']"), "denied"),
+    (OSError(errno.EIO, "Input/output error"), "fault"),
+    (ValueError(f"UNKNOWN: {_TS}: Input/output error [os_error_code='5']"), "fault"),
+    (ValueError(f"NOT_FOUND: {_TS}: Stale file handle [os_error_code=116]"), "fault"),
+    (jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 1 bytes"), "fault"),
+    (RuntimeError("something nobody anticipated"), "fault"),
+]
+
+
+@pytest.mark.parametrize("error, kind", READ_FAILURES, ids=[f[1] for f in READ_FAILURES])
+def test_read_failure_needs_evidence_of_damage(error, kind):
+    assert checkpoint.read_failure(error) == kind
+    try:  # the same, wrapped by Orbax
+        raise RuntimeError("restore failed") from error
+    except RuntimeError as wrapped:
+        assert checkpoint.read_failure(wrapped) == kind
+
+
+def _read_raising(error):
+    def read(self, step, abstract_state):
+        raise error
+
+    return read
+
+
+@pytest.mark.parametrize(
+    "error, raised",
+    [
+        (PermissionError(errno.EACCES, "Permission denied", "/x/8"), UsageError),
+        (OSError(errno.EIO, "Input/output error", "/x/8"), CheckpointFault),
+        (jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory (test)"), CheckpointFault),
+        (RuntimeError("unknown"), CheckpointFault),
+    ],
+    ids=["permission", "eio", "oom", "unknown"],
+)
+def test_a_fault_while_restoring_stops_and_moves_nothing(dp, tmp_path, monkeypatch, error, raised):
+    d = str(tmp_path / "ckpt")
+    _save_steps(dp, d, (4, 8))
+    before = _digest(str(tmp_path))
+    monkeypatch.setattr(Checkpointer, "_read", _read_raising(error))
+    ckpt = Checkpointer(d, max_to_keep=10)
+    with pytest.raises(raised) as info:
+        ckpt.restore_latest(_abstract(dp))
+    ckpt.close()
+    message = str(info.value)
+    assert "checkpoint 8" in message and "nothing was moved" in message
+    assert "\n" not in message
+    assert _digest(str(tmp_path)) == before and not os.path.exists(d + ".corrupt")
+
+
+def test_write_failure_recognises_a_full_disk_in_orbax_background_write():
+    assert checkpoint.write_failure(OSError(errno.ENOSPC, "x", "/c/8")) == (
+        "No space left on device (/c/8)"
+    )
+    # What Orbax 0.12's background write raised on a full tmpfs (test_resume.py makes it).
+    ts = ValueError(
+        'RESOURCE_EXHAUSTED: Error writing local file "/c/8.orbax-checkpoint-tmp/_sharding": '
+        'Failed writing: "/c/8.orbax-checkpoint-tmp/_sharding.__lock": Failed to write 103529 '
+        "bytes to file 4: No space left on device [os_error_code='28']"
+    )
+    try:
+        raise RuntimeError("wrapped") from ts
+    except RuntimeError as wrapped:
+        assert checkpoint.write_failure(wrapped) == (
+            "No space left on device (/c/8.orbax-checkpoint-tmp/_sharding)"
+        )
+    assert checkpoint.write_failure(OSError(errno.EIO, "x")) is None
+    assert checkpoint.write_failure(ValueError("DATA_LOSS: x")) is None

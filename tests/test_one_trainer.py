@@ -58,7 +58,7 @@ def test_a_second_trainer_exits_at_once_and_the_first_goes_on(reference, cache_d
     30 s with one line; after kill -9 of the first, the same command resumes."""
     ref_dir, _ = reference
     workdir = str(tmp_path / "run")
-    args = ["--config.train.num_steps=40", "--sleep_per_call=0.3"]
+    args = ["--config.train.num_steps=40", "--sleep_per_step=0.3"]
     first = wr.launch(cache_dir, workdir, *args, wait=False)
     try:
         deadline = time.time() + 300

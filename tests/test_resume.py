@@ -12,14 +12,17 @@ every step logged) is compared with:
 - a rerun whose newest checkpoint is corrupt, or none readable: falls back, or refuses until
   ``--start_over``;
 - a changed model (refused, nothing touched), more steps (resumed and recorded);
-- a disk that fills up while a checkpoint is written;
-- two processes of which only one cannot read the newest checkpoint: both fall back.
+- a disk (a tmpfs) that fills up while a checkpoint is written;
+- a permission error or a device out-of-memory error while restoring: a stop, nothing moved;
+- two processes of which only one finds the newest checkpoint damaged: both fall back.
 """
 
+import contextlib
 import glob
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import _worker_runs as wr
@@ -131,25 +134,78 @@ def test_no_readable_checkpoint_is_an_error_until_the_user_starts_over(
     np.testing.assert_array_equal(wr.losses(workdir), wr.losses(ref_dir))  # the same run again
 
 
+@contextlib.contextmanager
+def _tmpfs(path, size):
+    """A tmpfs of ``size`` mounted on ``path`` (created), unmounted at exit; skips the test
+    where mounting is not allowed (it needs root, as on CI)."""
+    os.makedirs(path)
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path],
+        capture_output=True,
+        text=True,
+    )
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs for a real full disk (needs root): {mount.stderr}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", path], check=False)
+
+
 def test_a_full_disk_stops_the_run_with_one_line_and_keeps_the_last_checkpoint(
     reference, cache_dir, tmp_path
 ):
+    """A real full disk: checkpoints/ is an 8 MB tmpfs (a checkpoint takes about 1 MB) that a
+    ballast file fills before checkpoint 8 is saved, so that Orbax's background write fails
+    with ENOSPC (Orbax reports it as a tensorstore error); freeing space, the same command
+    resumes from 4."""
     ref_dir, _ = reference
     workdir = str(tmp_path / "full")
-    proc = wr.launch(cache_dir, workdir, "--fail_writes_at=8")
-    assert proc.returncode == cli.EXIT_USAGE, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "No space left on device" in errors[0], proc.stderr[-3000:]
-    assert "last complete checkpoint is step 4" in errors[0]
-    assert wr.checkpoint_steps(workdir) == [4]
-    resumed = wr.launch(cache_dir, workdir)  # space freed: the same command finishes the run
-    wr.check_ok(resumed)
-    assert "resuming from the checkpoint of step 4" in resumed.stdout
-    np.testing.assert_array_equal(wr.losses(workdir), wr.losses(ref_dir))
+    ballast = os.path.join(workdir, "checkpoints", "ballast")
+    with _tmpfs(os.path.join(workdir, "checkpoints"), "8m"):
+        proc = wr.launch(cache_dir, workdir, f"--fill_disk_at=8:{ballast}")
+        assert proc.returncode == cli.EXIT_USAGE, proc.stderr[-3000:]
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, proc.stderr[-3000:]
+        assert f"cannot write in {workdir}: No space left on device" in errors[0]
+        assert "the last complete checkpoint is step 4" in errors[0]
+        assert wr.checkpoint_steps(workdir) == [4]
+        os.remove(ballast)  # space freed: the same command finishes the run
+        resumed = wr.launch(cache_dir, workdir)
+        wr.check_ok(resumed)
+        assert "resuming from the checkpoint of step 4" in resumed.stdout
+        assert wr.checkpoint_steps(workdir) == [4, 8, 12]
+        np.testing.assert_array_equal(wr.losses(workdir), wr.losses(ref_dir))
+
+
+@pytest.mark.parametrize("fault", ["permission", "oom"])
+def test_a_fault_while_restoring_stops_with_one_line_and_moves_nothing(
+    reference, cache_dir, tmp_path, fault
+):
+    """Reading the newest checkpoint fails with a permission error or a device out-of-memory
+    error: that is not damage, so nothing is moved to checkpoints.corrupt/ and no older
+    checkpoint is restored; the run stops with one line (permission: exit 2)."""
+    ref_dir, _ = reference
+    workdir = str(tmp_path / fault)
+    shutil.copytree(ref_dir, workdir)
+    os.remove(os.path.join(workdir, "samples.npz"))  # so that the run must restore
+    before = wr.digest(workdir)
+    proc = wr.launch(cache_dir, workdir, f"--restore_fault=12:{fault}")
+    lines = [line for line in proc.stderr.splitlines() if "cannot read checkpoint 12" in line]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert "nothing was moved" in lines[0]
+    if fault == "permission":
+        assert proc.returncode == cli.EXIT_USAGE and lines[0].startswith("error: ")
+        assert "permission denied" in lines[0]
+    else:
+        assert proc.returncode == 1 and lines[0].startswith("error: ")
+        assert "RESOURCE_EXHAUSTED" in lines[0]
+    assert not os.path.exists(os.path.join(workdir, "checkpoints.corrupt"))
+    assert wr.digest(workdir) == before
 
 
 def test_two_processes_agree_on_the_checkpoint_to_restore(reference, cache_dir, tmp_path):
-    """Only process 1 cannot read checkpoint 12: both fall back to 8 (no hang, no split)."""
+    """Only process 1 finds checkpoint 12 damaged: both fall back to 8 (no hang, no split)."""
     ref_dir, _ = reference
     workdir = str(tmp_path / "agree")
     shutil.copytree(ref_dir, workdir)
