@@ -115,6 +115,8 @@ class _CompileCounter:
         (["--config.model.ch_mult=(1,2,2,2,2)"], "divisible by 16"),
         (["--config.model.num_heads=3"], "num_heads"),
         (["--config.data.name=no_such_dataset"], "no_such_dataset"),
+        (["--config.eval.every=5", "--config.eval.inception_path=/no/such.pth"], "inception_path"),
+        (["--config.data.manual_dir=/no/such/dir"], "data.manual_dir='/no/such/dir'"),
         ([], "workdir is missing"),
         (["--workdir={file}/run"], "is not a directory"),
     ],
