@@ -215,8 +215,9 @@ def main(
         print(__doc__)
         print(f"The config (defaults of this experiment):\n{get_config()}")
         sys.exit(0)
-    fv = _define_flags(get_config(), argv)  # an error here is the experiment's bug
+    config = get_config()  # an error here is the experiment's bug: it keeps its traceback
     try:
+        fv = _define_flags(config, argv)  # applies the --config.* overrides
         extra = fv(argv)[1:]
     # What parsing raises for a bad flag or --config.* override (ml_collections raises
     # AttributeError / KeyError / TypeError / ValueError for an unknown field or a bad value).

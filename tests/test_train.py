@@ -187,3 +187,11 @@ def test_the_digits_recipe_with_dropout_is_the_same_run_on_1_and_4_devices(cache
         losses.append(wr.losses(workdir))
     assert losses[0].shape == (10, 3)
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
+
+
+def test_a_bug_in_get_config_keeps_its_traceback(tmp_path):
+    def get_config():
+        return worker.tiny_config().train.no_such_field  # an experiment's bug, not a user's
+
+    with pytest.raises(AttributeError, match="no_such_field"):
+        cli.main(get_config, ["prog", f"--workdir={tmp_path}"])
