@@ -248,3 +248,19 @@ def test_random_kills_then_resume_give_the_uninterrupted_run_bit_for_bit(
     assert metrics_equal and params_equal
     with np.load(f"{workdir}/samples.npz") as a, np.load(f"{ref_dir}/samples.npz") as b:
         np.testing.assert_array_equal(a["images"], b["images"])
+
+
+def test_a_finished_run_with_other_sample_settings_says_it_keeps_its_samples(
+    reference, cache_dir, tmp_path
+):
+    ref_dir, _ = reference
+    workdir = str(tmp_path / "finished")
+    shutil.copytree(ref_dir, workdir)
+    before = wr.digest(os.path.join(workdir, "checkpoints"))
+    proc = wr.launch(cache_dir, workdir, "--config.sample.num_steps=5")
+    wr.check_ok(proc)
+    assert "samples.npz is kept as written: the changed sample.num_steps" in proc.stdout
+    assert "experiments.sample" in proc.stdout
+    with np.load(f"{workdir}/samples.npz") as a, np.load(f"{ref_dir}/samples.npz") as b:
+        np.testing.assert_array_equal(a["images"], b["images"])
+    assert wr.digest(os.path.join(workdir, "checkpoints")) == before
