@@ -5,7 +5,8 @@
 - saves are asynchronous (the device-to-host copy happens before ``save`` returns, so the caller
   may donate the state's buffers right away; the write to disk continues in the background);
 - the last ``max_to_keep`` checkpoints are kept;
-- an interrupted save leaves only an Orbax temporary directory, which is ignored and cleaned up;
+- an interrupted save leaves only an Orbax temporary directory, which is ignored (and cleaned up
+  by the training run, never by a reader);
 - :meth:`Checkpointer.restore_latest` restores the newest checkpoint that every process can read,
   the processes agreeing on each candidate; newer ones whose files are damaged (truncated,
   missing, undecodable) are moved aside to ``<directory>.corrupt/`` (never deleted), a checkpoint
@@ -16,8 +17,8 @@
   the run trains: nothing is created, cleaned up, moved or deleted, and an Orbax temporary
   directory (a save in progress) is left alone and ignored.
 
-:func:`read_failure` and :func:`write_failure` tell, from an exception chain, damaged files from
-a failure of the environment (by what Python, Orbax and tensorstore raise).
+:func:`ddpm_jax.failures.read_failure` tells, from an exception chain, damaged files from a
+failure of the environment.
 
 Every process must call every method (Orbax and the restore agreement synchronise them); only
 process 0 writes the shared metadata and moves damaged checkpoints.
@@ -25,11 +26,8 @@ process 0 writes the shared metadata and moves damaged checkpoints.
 
 from __future__ import annotations
 
-import errno
-import json
 import logging
 import os
-import re
 import shutil
 import sys
 import time
@@ -42,6 +40,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from ddpm_jax.errors import CheckpointFault, UsageError
+from ddpm_jax.failures import DAMAGED, DENIED, FAULT, read_failure
 
 PyTree = Any
 
@@ -223,7 +222,7 @@ class Checkpointer:
         - it holds a state of another structure (changed model, optimizer, image shape): that is
           not damage; :class:`~ddpm_jax.errors.UsageError`, nothing is changed;
         - reading it fails without evidence that its files are damaged (see
-          :func:`read_failure`): nothing is changed, and no older checkpoint is tried. Permission
+          :func:`~ddpm_jax.failures.read_failure`): nothing is changed, no older one is tried. Permission
           denied: :class:`~ddpm_jax.errors.UsageError`; anything else (an I/O error, device out
           of memory, an unknown error): :class:`~ddpm_jax.errors.CheckpointFault`;
         - none restores: :class:`~ddpm_jax.errors.UsageError` naming them, nothing is changed;
@@ -334,82 +333,7 @@ class Checkpointer:
 
 # Outcomes of reading a checkpoint, ordered by severity (every process takes the worst).
 _OK, _VANISHED, _DAMAGED, _MISMATCH, _FAULT, _DENIED = range(6)
-DAMAGED, DENIED, FAULT = "damaged", "denied", "fault"
 _OUTCOME = {DAMAGED: _DAMAGED, DENIED: _DENIED, FAULT: _FAULT}
-
-# tensorstore raises ValueError("CODE: ...") (an absl status code), with "[os_error_code='N']"
-# when an OS call failed. Codes that say the bytes read are wrong or missing, and the messages
-# of undecodable files without a code (a damaged compressed block):
-_DAMAGE_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND")
-_DAMAGE_PHRASES = ("Error decoding", "Data corruption", "Invalid JSON", "Error parsing")
-_DENIED_ERRNOS = {errno.EACCES, errno.EPERM}
-# Write failures that mean "the directory cannot take more": full disk, quota, read-only, denied.
-_UNWRITABLE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, *_DENIED_ERRNOS}
-_STATUS = re.compile(r"^([A-Z_]{5,}): ")
-_OS_ERROR = re.compile(r"\[os_error_code='?(\d+)'?\]")
-_FILE = re.compile(r'(?:local file|Failed writing:) "([^"]+)"')
-
-
-def _chain(error: BaseException | None):
-    """``error`` and its causes and contexts (Orbax wraps the errors of its threads)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        yield error
-        error = error.__cause__ or error.__context__
-
-
-def _errno(error: BaseException) -> int | None:
-    """The OS error number of an OSError, or of a tensorstore error's ``os_error_code``."""
-    if isinstance(error, OSError) and error.errno is not None:
-        return error.errno
-    match = _OS_ERROR.search(str(error))
-    return int(match.group(1)) if match else None
-
-
-def _status(error: BaseException) -> str | None:
-    """The absl status code a tensorstore or XLA error's message starts with."""
-    match = _STATUS.match(str(error))
-    return match.group(1) if match else None
-
-
-def read_failure(error: BaseException) -> str:
-    """What a failure to read a checkpoint says about it: :data:`DAMAGED` only on evidence that
-    its files are incomplete or unparseable (a missing file, a truncated or undecodable data
-    file, unparseable metadata), :data:`DENIED` for a permission error, else :data:`FAULT` (an
-    I/O error, device out of memory, anything unknown: the environment failed, not the files).
-    """
-    chain = list(_chain(error))
-    codes = [_errno(e) for e in chain]
-    if any(c in _DENIED_ERRNOS for c in codes) or any(
-        _status(e) == "PERMISSION_DENIED" for e in chain
-    ):
-        return DENIED
-    if any(c is not None and c != errno.ENOENT for c in codes):
-        return FAULT  # EIO, ENOSPC, ESTALE ...: the OS failed, not the checkpoint's bytes
-    for e in chain:
-        if isinstance(e, (FileNotFoundError, json.JSONDecodeError)):
-            return DAMAGED
-        text = str(e)
-        if _status(e) in _DAMAGE_CODES or any(p in text for p in _DAMAGE_PHRASES):
-            return DAMAGED
-    return FAULT
-
-
-def write_failure(error: BaseException) -> str | None:
-    """``"<reason> (<file>)"`` when ``error``'s chain says the checkpoint directory cannot be
-    written (a full disk or quota, a read-only filesystem, permission denied): an ``OSError``,
-    or the ``ValueError`` that tensorstore raises in Orbax's background write
-    (``RESOURCE_EXHAUSTED: ... No space left on device [os_error_code='28']``); else None."""
-    for e in _chain(error):
-        code = _errno(e)
-        if code in _UNWRITABLE_ERRNOS:
-            path = e.filename if isinstance(e, OSError) else None
-            if path is None:
-                match = _FILE.search(str(e))
-                path = match.group(1) if match else "a checkpoint file"
-            return f"{os.strerror(code)} ({path})"
-    return None
 
 
 def _worst_over_processes(outcome: int) -> int:
@@ -440,4 +364,4 @@ def _shapes(tree: PyTree) -> dict[str, tuple]:
     }
 
 
-__all__ = ["Checkpointer", "read_failure", "write_failure"]
+__all__ = ["Checkpointer"]

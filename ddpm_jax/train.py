@@ -46,9 +46,10 @@ import numpy as np
 
 from ddpm_jax import builders, data, images, parallel, resume
 from ddpm_jax import config as config_lib
-from ddpm_jax.checkpoint import Checkpointer, write_failure
+from ddpm_jax.checkpoint import Checkpointer
 from ddpm_jax.errors import NonFiniteLossError, UsageError
 from ddpm_jax.evaluation.during_training import PeriodicEvaluation, summary
+from ddpm_jax.failures import write_failure
 from ddpm_jax.generate import Generator
 from ddpm_jax.preemption import PreemptionGuard
 from ddpm_jax.records import RunRecords

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import checkpoint, parallel
+from ddpm_jax import failures, parallel
 from ddpm_jax import state as st
 from ddpm_jax.checkpoint import Checkpointer
 from ddpm_jax.errors import CheckpointFault, UsageError
@@ -243,11 +243,11 @@ READ_FAILURES = [
 
 @pytest.mark.parametrize("error, kind", READ_FAILURES, ids=[f[1] for f in READ_FAILURES])
 def test_read_failure_needs_evidence_of_damage(error, kind):
-    assert checkpoint.read_failure(error) == kind
+    assert failures.read_failure(error) == kind
     try:  # the same, wrapped by Orbax
         raise RuntimeError("restore failed") from error
     except RuntimeError as wrapped:
-        assert checkpoint.read_failure(wrapped) == kind
+        assert failures.read_failure(wrapped) == kind
 
 
 def _read_raising(error):
@@ -283,7 +283,7 @@ def test_a_fault_while_restoring_stops_and_moves_nothing(dp, tmp_path, monkeypat
 
 
 def test_write_failure_recognises_a_full_disk_in_orbax_background_write():
-    assert checkpoint.write_failure(OSError(errno.ENOSPC, "x", "/c/8")) == (
+    assert failures.write_failure(OSError(errno.ENOSPC, "x", "/c/8")) == (
         "No space left on device (/c/8)"
     )
     # What Orbax 0.12's background write raised on a full tmpfs (test_resume.py makes it).
@@ -295,8 +295,8 @@ def test_write_failure_recognises_a_full_disk_in_orbax_background_write():
     try:
         raise RuntimeError("wrapped") from ts
     except RuntimeError as wrapped:
-        assert checkpoint.write_failure(wrapped) == (
+        assert failures.write_failure(wrapped) == (
             "No space left on device (/c/8.orbax-checkpoint-tmp/_sharding)"
         )
-    assert checkpoint.write_failure(OSError(errno.EIO, "x")) is None
-    assert checkpoint.write_failure(ValueError("DATA_LOSS: x")) is None
+    assert failures.write_failure(OSError(errno.EIO, "x")) is None
+    assert failures.write_failure(ValueError("DATA_LOSS: x")) is None
