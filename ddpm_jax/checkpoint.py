@@ -222,9 +222,9 @@ class Checkpointer:
         - it holds a state of another structure (changed model, optimizer, image shape): that is
           not damage; :class:`~ddpm_jax.errors.UsageError`, nothing is changed;
         - reading it fails without evidence that its files are damaged (see
-          :func:`~ddpm_jax.failures.read_failure`): nothing is changed, no older one is tried. Permission
-          denied: :class:`~ddpm_jax.errors.UsageError`; anything else (an I/O error, device out
-          of memory, an unknown error): :class:`~ddpm_jax.errors.CheckpointFault`;
+          :func:`~ddpm_jax.failures.read_failure`): nothing is changed, no older one is tried.
+          Permission denied: :class:`~ddpm_jax.errors.UsageError`; anything else (an I/O error,
+          device out of memory, an unknown error): :class:`~ddpm_jax.errors.CheckpointFault`;
         - none restores: :class:`~ddpm_jax.errors.UsageError` naming them, nothing is changed;
           with ``start_over`` they are moved aside and ``(None, None)`` is returned.
 
