@@ -18,11 +18,11 @@ applied to ``denoise_fn`` (D is affine in ε, so guiding D guides ε).
 - :func:`sample`: Algorithm 2 (Heun with Euler at the last step to σ = 0, optional churn), or
   Euler, as one ``jax.lax.scan``; ``2N - 1`` (Heun) or ``N`` (Euler) denoiser calls for N steps.
 
-Every hyper-parameter except the choice of method / preconditioning / distribution is traced,
-so under ``jax.jit`` new values do not recompile::
+Hyper-parameters other than the choice of method / preconditioning / distribution are traced:
+under ``jax.jit`` new values do not recompile::
 
-    sample_fn = jax.jit(functools.partial(edm.sample, denoise_fn))
-    x = sample_fn(sigmas[0] * jax.random.normal(key, shape), edm.sigma_steps(18), key=key)
+    sigmas, sample_fn = edm.sigma_steps(18), jax.jit(functools.partial(edm.sample, denoise_fn))
+    x = sample_fn(sigmas[0] * jax.random.normal(key, shape), sigmas)
 """
 
 from __future__ import annotations
@@ -36,17 +36,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion
+from ddpm_jax import diffusion, ve
 
 PRECONDITIONINGS = ("edm", "vp", "ve", "iddpm")
 SIGMA_DISTRIBUTIONS = ("lognormal", "ve", "vp")
 WEIGHTINGS = ("edm", "snr", "uniform")
 METHODS = ("heun", "euler")
 REDUCTIONS = ("mean", "none")
-
-# Table 1's VP (Song et al. 2021) and iDDPM (Nichol & Dhariwal 2021) constants, as in EDM's code.
-VP_BETA_D, VP_BETA_MIN, VP_EPSILON_T, VP_M = 19.9, 0.1, 1e-5, 1000
-IDDPM_C1, IDDPM_C2, IDDPM_M = 0.001, 0.008, 1000
 
 DenoiseFn = Callable[..., jax.Array]
 
@@ -104,32 +100,6 @@ class Preconditioning(NamedTuple):
     c_noise: jax.Array
 
 
-def vp_sigma(t):
-    """σ(t) = √(exp(½ β_d t² + β_min t) - 1) of the VP SDE (Table 1), t ∈ (0, 1]."""
-    return jnp.sqrt(jnp.expm1(0.5 * VP_BETA_D * t**2 + VP_BETA_MIN * t))
-
-
-def vp_sigma_inv(sigma):
-    """t(σ) = (√(β_min² + 2 β_d log(1 + σ²)) - β_min) / β_d, the inverse of :func:`vp_sigma`."""
-    root = jnp.sqrt(VP_BETA_MIN**2 + 2 * VP_BETA_D * jnp.log1p(sigma**2))
-    return (root - VP_BETA_MIN) / VP_BETA_D
-
-
-@functools.cache
-def iddpm_sigmas() -> np.ndarray:
-    """The noise levels u_0 > … > u_{M-1} of improved DDPM (EDM Table 1), float64 ``[M]``.
-
-    u_M = 0 and u_{j-1} = √((u_j² + 1) / max(ᾱ(j-1)/ᾱ(j), C_1) - 1) with
-    ᾱ(j) = sin²(π j / (2 M (1 + C_2))). (EDM computes the same recursion in float32.)
-    """
-    m = IDDPM_M
-    alpha_bar = lambda j: np.sin(0.5 * np.pi * j / m / (IDDPM_C2 + 1)) ** 2
-    u = np.zeros(m + 1)
-    for j in range(m, 0, -1):
-        u[j - 1] = np.sqrt((u[j] ** 2 + 1) / max(alpha_bar(j - 1) / alpha_bar(j), IDDPM_C1) - 1)
-    return u[:m]
-
-
 def precondition(
     sigma: jax.Array, sigma_data: float | jax.Array = 0.5, *, kind: str = "edm"
 ) -> Preconditioning:
@@ -138,10 +108,10 @@ def precondition(
     - ``"edm"``: c_skip = σ_d²/(σ² + σ_d²), c_out = σ σ_d/√(σ² + σ_d²), c_in = 1/√(σ² + σ_d²),
       c_noise = ln(σ)/4.
     - ``"vp"``: c_skip = 1, c_out = -σ, c_in = 1/√(σ² + 1), c_noise = (M - 1) t(σ) (F predicts ε
-      from the VP input x/√(1 + σ²); t(σ) is :func:`vp_sigma_inv`, M = 1000).
+      from the VP input x/√(1 + σ²); t(σ) is :func:`ddpm_jax.ve.vp_sigma_inv`, M = 1000).
     - ``"ve"``: c_skip = 1, c_out = σ, c_in = 1, c_noise = ln(σ/2).
     - ``"iddpm"``: as "vp" with c_noise = M - 1 - j, j the index of the nearest u_j
-      (:func:`iddpm_sigmas`); EDM's sampler also rounds σ to the u_j first.
+      (:func:`ddpm_jax.ve.iddpm_sigmas`); EDM's sampler also rounds σ to the u_j first.
 
     Args:
         sigma: σ > 0, any shape (usually a scalar or ``[B]``).
@@ -164,11 +134,11 @@ def precondition(
         return Preconditioning(one, sigma, one, jnp.log(0.5 * sigma))
     c_in = jax.lax.rsqrt(sigma**2 + 1)
     if kind == "vp":
-        c_noise = (VP_M - 1) * vp_sigma_inv(sigma)
+        c_noise = (ve.VP_M - 1) * ve.vp_sigma_inv(sigma)
     else:
-        u = jnp.asarray(iddpm_sigmas(), sigma.dtype)
+        u = jnp.asarray(ve.iddpm_sigmas(), sigma.dtype)
         j = jnp.argmin(jnp.abs(sigma[..., None] - u), axis=-1)
-        c_noise = (IDDPM_M - 1 - j).astype(sigma.dtype)
+        c_noise = (ve.IDDPM_M - 1 - j).astype(sigma.dtype)
     return Preconditioning(one, -sigma, c_in, c_noise)
 
 
@@ -224,7 +194,7 @@ def sample_sigma(
 
     - ``"lognormal"`` (EDM): ln σ ~ N(P_mean, P_std²).
     - ``"ve"``: σ = σ_min (σ_max/σ_min)^u, u ~ U(0, 1) (log-uniform, σ in [0.02, 100] by default).
-    - ``"vp"``: σ = :func:`vp_sigma`(t), t ~ U(ε_t, 1), ε_t = 10⁻⁵.
+    - ``"vp"``: σ = :func:`ddpm_jax.ve.vp_sigma`(t), t ~ U(ε_t, 1), ε_t = 10⁻⁵.
 
     Args:
         key: a PRNG key.
@@ -242,7 +212,7 @@ def sample_sigma(
     u = jax.random.uniform(key, shape, jnp.float32)
     if distribution == "ve":
         return sigma_min * (jnp.asarray(sigma_max, jnp.float32) / sigma_min) ** u
-    return vp_sigma(1.0 + u * (VP_EPSILON_T - 1.0))
+    return ve.vp_sigma(1.0 + u * (ve.VP_EPSILON_T - 1.0))
 
 
 def sample_sigma_and_noise(
@@ -337,22 +307,14 @@ def loss(
 
 
 def loss_with_key(
-    denoise_fn: DenoiseFn,
-    key: jax.Array,
-    x0: jax.Array,
-    *,
-    distribution: str = "lognormal",
-    p_mean: float | jax.Array = -1.2,
-    p_std: float | jax.Array = 1.2,
-    sigma_min: float | jax.Array = 0.02,
-    sigma_max: float | jax.Array = 100.0,
-    **kwargs,
+    denoise_fn: DenoiseFn, key: jax.Array, x0: jax.Array, *, distribution: str = "lognormal", **kw
 ) -> jax.Array:
-    """:func:`loss` with σ and n drawn from ``key`` (one key or ``[B]`` keys; see
-    :func:`sample_sigma_and_noise`). Other keyword arguments go to :func:`loss`."""
-    dist = dict(p_mean=p_mean, p_std=p_std, sigma_min=sigma_min, sigma_max=sigma_max)
+    """:func:`loss` with σ and n drawn from ``key`` (one key or ``[B]`` keys) by
+    :func:`sample_sigma_and_noise`, which takes ``distribution``, ``p_mean``, ``p_std``,
+    ``sigma_min`` and ``sigma_max``; other keyword arguments go to :func:`loss`."""
+    dist = {k: kw.pop(k) for k in ("p_mean", "p_std", "sigma_min", "sigma_max") if k in kw}
     sigma, noise = sample_sigma_and_noise(key, x0, distribution=distribution, **dist)
-    return loss(denoise_fn, x0, sigma, noise, **kwargs)
+    return loss(denoise_fn, x0, sigma, noise, **kw)
 
 
 def _step(denoise_fn, x, xs_i, *, method, s_noise, last):

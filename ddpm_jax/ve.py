@@ -8,10 +8,14 @@ same information, with σ_t = √((1-ᾱ_t)/ᾱ_t) (``schedule.sqrt_recipm1_alph
 :mod:`ddpm_jax.samplers` and guidance take it unchanged, and a network trained on it sees the
 bounded input x_t = x / √(1 + σ_t²) (EDM's c_in of VP). For :func:`ddpm_jax.edm.sample`, use
 :func:`sigma_grid` for the noise levels and :func:`denoiser` for the network.
+
+The σ of EDM's continuous VP schedule (:func:`vp_sigma`) and of improved DDPM
+(:func:`iddpm_sigmas`) serve :mod:`ddpm_jax.edm`'s preconditionings and σ distributions.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -22,6 +26,10 @@ from ddpm_jax import diffusion, schedules
 from ddpm_jax.schedules import Schedule
 
 TIMESTEP_MAPPINGS = ("nearest", "fractional")
+
+# EDM's Table 1: VP (Song et al. 2021) and iDDPM (Nichol & Dhariwal 2021) constants, as in its code.
+VP_BETA_D, VP_BETA_MIN, VP_EPSILON_T, VP_M = 19.9, 0.1, 1e-5, 1000
+IDDPM_C1, IDDPM_C2, IDDPM_M = 0.001, 0.008, 1000
 
 
 def geometric(
@@ -52,6 +60,32 @@ def geometric(
     log_ab = -np.log1p(sigma**2)  # log ᾱ_t
     betas = -np.expm1(np.diff(log_ab, prepend=0.0))  # 1 - ᾱ_t / ᾱ_{t-1}
     return schedules.from_betas(betas)
+
+
+def vp_sigma(t):
+    """σ(t) = √(exp(½ β_d t² + β_min t) - 1) of the VP SDE (Table 1), t ∈ (0, 1]."""
+    return jnp.sqrt(jnp.expm1(0.5 * VP_BETA_D * t**2 + VP_BETA_MIN * t))
+
+
+def vp_sigma_inv(sigma):
+    """t(σ) = (√(β_min² + 2 β_d log(1 + σ²)) - β_min) / β_d, the inverse of :func:`vp_sigma`."""
+    root = jnp.sqrt(VP_BETA_MIN**2 + 2 * VP_BETA_D * jnp.log1p(sigma**2))
+    return (root - VP_BETA_MIN) / VP_BETA_D
+
+
+@functools.cache
+def iddpm_sigmas() -> np.ndarray:
+    """The noise levels u_0 > … > u_{M-1} of improved DDPM (EDM Table 1), float64 ``[M]``.
+
+    u_M = 0 and u_{j-1} = √((u_j² + 1) / max(ᾱ(j-1)/ᾱ(j), C_1) - 1) with
+    ᾱ(j) = sin²(π j / (2 M (1 + C_2))). (EDM computes the same recursion in float32.)
+    """
+    m = IDDPM_M
+    alpha_bar = lambda j: np.sin(0.5 * np.pi * j / m / (IDDPM_C2 + 1)) ** 2
+    u = np.zeros(m + 1)
+    for j in range(m, 0, -1):
+        u[j - 1] = np.sqrt((u[j] ** 2 + 1) / max(alpha_bar(j - 1) / alpha_bar(j), IDDPM_C1) - 1)
+    return u[:m]
 
 
 def sigmas(schedule: Schedule) -> jax.Array:
