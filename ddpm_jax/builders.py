@@ -5,7 +5,8 @@ Every other module takes explicit arguments; only this module and ``config.py`` 
 
 - the network: :func:`build_model` (the UNet of ``config.model``), :func:`build_prompt_unet` and
   :func:`build_vae` (latent runs, ``config.latent``);
-- the noise schedule (:func:`build_schedule`) and the sampler settings (:func:`sample_settings`);
+- the noise schedule (:func:`build_schedule`) and the sampling settings of ``config.sample`` and
+  ``config.eval`` (:func:`sample_settings`);
 - the data: :func:`data_spec` (image shape and classes from the dataset's metadata, without
   reading data) and :func:`build_dataset` (the deterministic batches);
 - the optimizer and its learning-rate schedule (:func:`build_optimizer`), the parallel layout
@@ -36,6 +37,7 @@ from ddpm_jax.models.layers import DTYPES
 from ddpm_jax.models.text import PromptUNet, TextEncoder, Tokenizer, prompt_table
 from ddpm_jax.models.unet import UNet
 from ddpm_jax.parallel import AXIS, Layout
+from ddpm_jax.sample_settings import SampleSettings
 from ddpm_jax.workdir import INIT_TAG, run_key
 
 Config = ml_collections.ConfigDict
@@ -107,20 +109,24 @@ def build_schedule(config: Config) -> schedules.Schedule:
     return schedules.get(d.schedule, d.num_timesteps, **kwargs)
 
 
-def sample_settings(config: Config) -> dict[str, Any]:
-    """The ``ddpm_jax.generate.Generator`` keyword arguments of ``config.sample`` (and the
-    prediction target of ``config.diffusion``)."""
+def sample_settings(config: Config, section: str = "sample") -> SampleSettings:
+    """The sampling settings of ``config.sample``, or of ``config.eval`` (``section="eval"``:
+    its ``method``, ``num_steps`` and ``guidance_scale`` over ``config.sample``'s). Not checked
+    here: ``config.validate`` checks both, naming the config's fields."""
     s = config.sample
-    return dict(
+    settings = SampleSettings(
         method=s.method,
         num_steps=s.num_steps,
-        guidance_scale=s.guidance_scale,
         eta=s.eta,
+        guidance_scale=s.guidance_scale,
         clip_x0=s.clip_x0,
-        prediction=config.diffusion.prediction,
         variance=s.variance,
         batch_size=s.batch_size,
     )
+    if section == "sample":
+        return settings
+    e = config[section]
+    return settings.replace(method=e.method, num_steps=e.num_steps, guidance_scale=e.guidance_scale)
 
 
 # ----------------------------------------------------------------------------- data

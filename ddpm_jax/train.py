@@ -234,8 +234,9 @@ class Trainer:
             self.schedule,
             self.dp,
             ds.image_shape,
+            builders.sample_settings(config),
+            prediction=config.diffusion.prediction,
             decode_fn=decode_fn,
-            **builders.sample_settings(config),
         )
         self.evaluation = None
         if "eval" in config and config.eval.every > 0:

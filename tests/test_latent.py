@@ -345,7 +345,8 @@ def test_latent_run_resumes_with_the_trained_vae_and_loads_for_sampling(latent_r
 
     run = runs.load_run(workdir)  # from config.json, latent.json and vae.msgpack alone
     assert run.step == 4 and run.image_shape == (8, 8, 4) and run.decode_fn is not None
-    imgs, labels = run.generator(num_steps=3, batch_size=8)(run.ema_params, jax.random.key(0), 4)
+    settings = run.sample_settings.replace(num_steps=3, batch_size=8)
+    imgs, labels = run.generator(settings)(run.ema_params, jax.random.key(0), 4)
     assert imgs.shape == (4, 16, 16, 1) and imgs.dtype == np.uint8
     info = json.loads((workdir / "latent.json").read_text())
     np.testing.assert_array_equal(run.classes_of(labels), np.asarray(info["prompt_classes"])[:4])
