@@ -155,10 +155,8 @@ def test_frozen_vae_receives_no_updates(vae_setup, model_setup):
         ),
         schedules.get("cosine", 100),
         optimizer,
-        seed=0,
-        global_batch_size=len(latents),
-        axis_name="data",
-        p_uncond=0.25,
+        state_lib.StepSettings(seed=0, global_batch_size=len(latents), p_uncond=0.25),
+        map_grads=state_lib.pmean_grads("data"),
         null_label=model.null_label,
     )
     step = jax.jit(jax.vmap(step_fn, axis_name="data"))
