@@ -41,6 +41,7 @@ GRID_TAG = 2_000_000_002  # the sample grids written during training
 FINAL_TAG = 2_000_000_003  # the final samples (samples.npz, per-prompt samples)
 EVAL_TAG = 2_000_000_004  # evaluation samples
 VAE_TAG = 2_000_000_005  # the autoencoder of a latent run (initialisation and training)
+PROMPT_TAG = 2_000_000_006  # a latent run's samples of prompts it was not trained on
 
 
 def run_key(seed: int, tag: int) -> jax.Array:
@@ -285,6 +286,7 @@ __all__ = [
     "GRID_TAG",
     "INIT_TAG",
     "LOCK_FILE",
+    "PROMPT_TAG",
     "VAE_TAG",
     "JsonLines",
     "atomic_open",
