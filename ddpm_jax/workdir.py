@@ -10,9 +10,13 @@ Everything a run writes goes through here, so the rules hold in one place:
   run (:func:`trainer_lock`); readers (sampling, evaluation) take none;
 - ``metrics.jsonl`` and ``config_history.jsonl`` are appended line by line, and cut back to a
   restored step (:class:`JsonLines`);
-- the root keys of initialisation, sample grids, final samples, evaluation and the autoencoder are
-  ``fold_in(key(seed), TAG)`` with tags far above any step index ``s`` of the per-step keys
-  ``fold_in(key(seed), s)`` (:func:`run_key`).
+- the RNG tags, every key of a run in one list: training step ``s`` draws example ``i``'s
+  timestep, noise and label dropout from ``fold_in(fold_in(key(seed), s), i)`` and the dropout
+  masks from ``fold_in(fold_in(key(seed), s), B)`` (``ddpm_jax.state``); the data order is
+  ``seed``'s (``ddpm_jax.data``); the root keys of initialisation, sample grids, final samples,
+  evaluation, the autoencoder and a latent run's other prompts are ``run_key(seed, TAG)`` =
+  ``fold_in(key(seed), TAG)`` with the ``*_TAG`` below, far above any step index ``s``; sample
+  ``j`` of a sampling call draws from ``fold_in(root, j)`` alone (``ddpm_jax.generate``).
 """
 
 from __future__ import annotations
