@@ -68,9 +68,9 @@ def prepare(
 ) -> Iterator[RunStart]:
     """Prepares a run of ``config`` in ``workdir`` and holds its trainer lock while in the block.
 
-    A new run's ``config.json`` is written here (a run interrupted before its first checkpoint,
-    e.g. in a latent run's autoencoder phase, is then compared on its re-run); an existing run's
-    is replaced only once a checkpoint has been restored (``ddpm_jax.train``).
+    Nothing is written here: ``config.json`` is written once a checkpoint has been restored
+    (:func:`record_start`), or by a phase that writes before the run loop (a latent run's
+    autoencoder) with :func:`write_config`, so that a re-run of that phase is compared.
 
     Args:
       config: a ConfigDict built from ``ddpm_jax.config.default_config()``.
@@ -88,8 +88,6 @@ def prepare(
         changes = resume.check_resume(config, workdir, allow_change)
         lost = check_not_lost(workdir, config.train.checkpoint_every, start_over)
         history = resume.read_history(workdir)  # every process, before process 0 appends to it
-        if is_writer() and read_json(os.path.join(workdir, "config.json")) is None:
-            write_config(workdir, config)
         yield RunStart(workdir, changes, history, start_over=start_over, lost=lost)
 
 
@@ -146,9 +144,12 @@ def record_start(
     write_config(workdir, config)
 
 
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """``workdir/config.json``: the config used (process 0)."""
-    write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+def write_config(workdir: str, config: ml_collections.ConfigDict, *, replace: bool = True) -> None:
+    """``workdir/config.json``: the config used (process 0); ``replace=False`` keeps one that
+    is there."""
+    path = os.path.join(workdir, "config.json")
+    if is_writer() and (replace or read_json(path) is None):
+        write_json(path, json.loads(config.to_json()))
 
 
 def check_not_lost(workdir: str, checkpoint_every: int, start_over: bool) -> bool:

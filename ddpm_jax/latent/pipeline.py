@@ -21,7 +21,7 @@ from ddpm_jax import builders, data, images, train
 from ddpm_jax.latent import frozen_vae
 from ddpm_jax.models.text import Tokenizer
 from ddpm_jax.preemption import PreemptionGuard
-from ddpm_jax.run_start import prepare
+from ddpm_jax.run_start import prepare, write_config
 from ddpm_jax.workdir import is_writer, write_json
 
 LATENT_FILE = "latent.json"
@@ -76,6 +76,7 @@ def train_latent(
         if images_uint8.shape[1:3] != (c.image_size, c.image_size):
             images_uint8 = images.resize(images_uint8, (c.image_size, c.image_size))
         x = images_uint8.astype(np.float32) / 127.5 - 1.0
+        write_config(workdir, config, replace=False)  # a re-run of the VAE phase compares too
         vae_and_params = frozen_vae.load_or_train_vae(config, workdir, x, log, preemption)
         if vae_and_params is None:
             return None
