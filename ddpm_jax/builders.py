@@ -5,7 +5,8 @@ Every other module takes explicit arguments; only this module and ``config.py`` 
 
 - the network: :func:`build_model` (the UNet of ``config.model``), :func:`build_prompt_unet` and
   :func:`build_vae` (latent runs, ``config.latent``);
-- the noise schedule (:func:`build_schedule`) and the sampler settings (:func:`sample_settings`);
+- the noise schedule (:func:`build_schedule`) and the sampling settings of ``config.sample`` and
+  ``config.eval`` (:func:`sample_settings`);
 - the data: :func:`data_spec` (image shape and classes from the dataset's metadata, without
   reading data) and :func:`build_dataset` (the deterministic batches);
 - the optimizer and its learning-rate schedule (:func:`build_optimizer`), the parallel layout
@@ -35,7 +36,8 @@ from ddpm_jax.models.autoencoder import AutoencoderKL
 from ddpm_jax.models.layers import DTYPES
 from ddpm_jax.models.text import PromptUNet, TextEncoder, Tokenizer, prompt_table
 from ddpm_jax.models.unet import UNet
-from ddpm_jax.parallel import AXIS, Layout
+from ddpm_jax.parallel import Layout
+from ddpm_jax.sample_settings import SampleSettings
 from ddpm_jax.workdir import INIT_TAG, run_key
 
 Config = ml_collections.ConfigDict
@@ -107,20 +109,24 @@ def build_schedule(config: Config) -> schedules.Schedule:
     return schedules.get(d.schedule, d.num_timesteps, **kwargs)
 
 
-def sample_settings(config: Config) -> dict[str, Any]:
-    """The ``ddpm_jax.generate.Generator`` keyword arguments of ``config.sample`` (and the
-    prediction target of ``config.diffusion``)."""
+def sample_settings(config: Config, section: str = "sample") -> SampleSettings:
+    """The sampling settings of ``config.sample``, or of ``config.eval`` (``section="eval"``:
+    its ``method``, ``num_steps`` and ``guidance_scale`` over ``config.sample``'s). Not checked
+    here: ``config.validate`` checks both, naming the config's fields."""
     s = config.sample
-    return dict(
+    settings = SampleSettings(
         method=s.method,
         num_steps=s.num_steps,
-        guidance_scale=s.guidance_scale,
         eta=s.eta,
+        guidance_scale=s.guidance_scale,
         clip_x0=s.clip_x0,
-        prediction=config.diffusion.prediction,
         variance=s.variance,
         batch_size=s.batch_size,
     )
+    if section == "sample":
+        return settings
+    e = config[section]
+    return settings.replace(method=e.method, num_steps=e.num_steps, guidance_scale=e.guidance_scale)
 
 
 # ----------------------------------------------------------------------------- data
@@ -229,6 +235,21 @@ def init_state(init: Callable[[], state_lib.TrainState], abstract: Any) -> state
     return jax.jit(init, out_shardings=shardings)()
 
 
+def step_settings(config: Config) -> state_lib.StepSettings:
+    """The training step's settings of ``config`` (seed, batch, ``diffusion`` loss, EMA, label
+    dropout)."""
+    d, t = config.diffusion, config.train
+    return state_lib.StepSettings(
+        seed=config.seed,
+        global_batch_size=t.batch_size,
+        prediction=d.prediction,
+        weighting=d.weighting,
+        min_snr_gamma=d.min_snr_gamma,
+        ema_decay=t.ema_decay,
+        p_uncond=t.p_uncond,
+    )
+
+
 def build_train_step(
     config: Config,
     model: nn.Module,
@@ -237,10 +258,9 @@ def build_train_step(
     lr_schedule: optax.Schedule,
     dp: Layout,
 ) -> Callable:
-    """The engine's training step: ``state.make_train_step`` of ``config`` (loss, Adam, EMA,
-    per-example randomness) mapped over ``dp`` and scanned over the steps of one call; under a
-    global-view layout (FSDP) ``state.make_global_train_step``: the same per-device loss and
-    gradient, mapped and reduced by the layout (``dp.global_step_options()``), then the update.
+    """The engine's training step: ``state.make_train_step`` of :func:`step_settings` (loss,
+    Adam, EMA, per-example randomness), its gradients reduced by the layout (``dp.map_grads``),
+    compiled by the layout and scanned over the steps of one call (``dp.wrap``).
 
     Returns:
       ``fn(state, batch) -> (state, metrics)`` (see ``dp.wrap``).
@@ -250,24 +270,13 @@ def build_train_step(
         rngs = {"dropout": rng}
         return model.apply(params, x_t, t, y=y, train=True, example_index=example_index, rngs=rngs)
 
-    d, t = config.diffusion, config.train
-    if dp.global_view:
-        make, view = state_lib.make_global_train_step, dp.global_step_options()
-    else:
-        make, view = state_lib.make_train_step, dict(axis_name=AXIS)
-    step_fn = make(
+    step_fn = state_lib.make_train_step(
         apply_fn,
         schedule,
         optimizer,
-        seed=config.seed,
-        global_batch_size=t.batch_size,
-        **view,
+        step_settings(config),
+        map_grads=dp.map_grads,
         lr_schedule=lr_schedule,
-        prediction=d.prediction,
-        weighting=d.weighting,
-        min_snr_gamma=d.min_snr_gamma,
-        ema_decay=t.ema_decay,
-        p_uncond=t.p_uncond,
         null_label=model.null_label,
     )
     return dp.wrap(step_fn)
@@ -289,4 +298,5 @@ __all__ = [
     "init_state",
     "init_state_fn",
     "sample_settings",
+    "step_settings",
 ]

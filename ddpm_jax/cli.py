@@ -103,6 +103,33 @@ def tool_main(
     return guarded(parse_and_run)
 
 
+def define_sample_flags(fv: flags.FlagValues) -> None:
+    """One flag per field of ``ddpm_jax.sample_settings.SampleSettings`` (``--method``,
+    ``--num_steps``, ``--eta``, ...), each None unless given (:func:`sample_settings`)."""
+    import dataclasses
+
+    from ddpm_jax.sample_settings import SampleSettings
+
+    define = {"str": flags.DEFINE_string, "int": flags.DEFINE_integer}
+    for field in dataclasses.fields(SampleSettings):
+        kind = str(field.type).split(" ")[0]
+        help_ = f"Sampling setting (default: the run's sample.{field.name}; SampleSettings)."
+        define.get(kind, flags.DEFINE_float)(field.name, None, help_, flag_values=fv)
+
+
+def sample_settings(fv: flags.FlagValues, defaults: Any, num_timesteps: int) -> Any:
+    """``defaults`` (a ``SampleSettings``) with the sampling flags that were given, checked
+    against ``num_timesteps``.
+
+    Raises:
+      UsageError: naming the flag.
+    """
+    import dataclasses
+
+    given = {f.name: fv[f.name].value for f in dataclasses.fields(defaults)}
+    return defaults.override(**given).check(num_timesteps, prefix="--")
+
+
 def _define_flags(config: ml_collections.ConfigDict, argv: Sequence[str]) -> flags.FlagValues:
     fv = flags.FlagValues()
     flags.DEFINE_string("workdir", None, "Work directory (created; resumed from).", flag_values=fv)

@@ -47,7 +47,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from ddpm_jax import diffusion, losses, parallel, samplers, schedules
+from ddpm_jax import builders, diffusion, losses, parallel, schedules
 from ddpm_jax.errors import UsageError
 from ddpm_jax.models import layers, ops
 from ddpm_jax.models.unet import CIFAR10_DDPM
@@ -324,31 +324,20 @@ def validate(
     _int(config, "train.steps_per_call", 1)
 
     _int(config, "sample.num_samples", 0)
-    _choice(config, "sample.method", samplers.METHODS)
-    _int(config, "sample.num_steps", 2)
-    if config.sample.num_steps > config.diffusion.num_timesteps:
-        _fail(
-            "sample.num_steps",
-            config.sample.num_steps,
-            f"must be <= diffusion.num_timesteps={config.diffusion.num_timesteps}",
-        )
-    _float(config, "sample.guidance_scale", 0.0, float("inf"))
-    _float(config, "sample.eta", 0.0, float("inf"))
-    _float(config, "sample.clip_x0", 0.0, float("inf"), lo_open=True, optional=True)
-    _choice(config, "sample.variance", diffusion.VARIANCES)
     _int(config, "sample.grid_size", 0)
-    _int(config, "sample.batch_size", 1)
-
+    for section in ("sample", "eval"):  # present, so that the settings can be built
+        for field in default_config()[section].keys() if section in config else ():
+            _get(config, f"{section}.{field}")
+    T = config.diffusion.num_timesteps
+    builders.sample_settings(config).check(T, prefix="config.sample.")
     if "eval" in config:
         _int(config, "eval.every", 0)
         _int(config, "eval.num_samples", 2)
-        _choice(config, "eval.method", samplers.METHODS)
-        _int(config, "eval.num_steps", 2)
-        if config.eval.every and config.eval.num_steps > config.diffusion.num_timesteps:
-            _fail("eval.num_steps", config.eval.num_steps, "must be <= diffusion.num_timesteps")
-        _float(config, "eval.guidance_scale", 0.0, float("inf"))
         for field in ("eval.inception_path", "eval.cache_dir"):
             _path(config, field)
+        # The fields eval sets over sample's; T bounds its steps only when it evaluates.
+        settings = builders.sample_settings(config, "eval")
+        settings.check(T if config.eval.every else None, prefix="config.eval.")
     if "latent" in config:
         _validate_latent(config)
 

@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 from ddpm_jax import guidance, images, samplers, schedules
 from ddpm_jax.models.text import PAD_ID
 from ddpm_jax.parallel import Layout, compiler_options
+from ddpm_jax.sample_settings import SampleSettings
 from ddpm_jax.workdir import log
 
 
@@ -46,12 +47,14 @@ class Generator:
       schedule: the noise schedule it was trained with.
       dp: the parallel layout whose devices the rounds are sharded over (all of them).
       image_shape: ``(H, W, C)`` of the model's inputs (latents for a latent model).
-      method / num_steps / eta / clip_x0 / prediction / variance: see
-        ``ddpm_jax.samplers.sample``.
-      guidance_scale: classifier-free guidance scale (conditional models), the default of each
-        call (a traced value: changing it does not recompile).
-      batch_size: samples per round, rounded up to a multiple of the device count.
+      settings: the sampler, its steps, guidance scale (the default of each call, a traced
+        value: changing it does not recompile) and round size (``batch_size``, rounded up to a
+        multiple of the device count); checked against the schedule here.
+      prediction: what the model predicts, ``"eps"``, ``"x0"`` or ``"v"``.
       decode_fn: optional jittable map of sampled arrays to images in [-1, 1] (a VAE decoder).
+
+    Raises:
+      UsageError: ``settings`` are invalid (``SampleSettings.check``).
     """
 
     def __init__(
@@ -60,29 +63,35 @@ class Generator:
         schedule: schedules.Schedule,
         dp: Layout,
         image_shape: Sequence[int],
+        settings: SampleSettings,
         *,
-        method: str,
-        num_steps: int,
-        guidance_scale: float = 1.0,
-        eta: float = 0.0,
-        clip_x0: float | None = None,
         prediction: str = "eps",
-        variance: str = "fixed_small",
-        batch_size: int = 256,
         decode_fn: Callable[[jax.Array], jax.Array] | None = None,
     ):
         self.model, self.schedule, self.dp = model, schedule, dp
         self.image_shape = tuple(image_shape)
-        self.method, self.num_steps, self.guidance_scale = method, num_steps, guidance_scale
-        self.eta = eta if method == "ddim" else 0.0
-        self.clip_x0, self.prediction, self.batch_size = clip_x0, prediction, batch_size
-        self.variance = variance
-        self.decode_fn = decode_fn
+        self.settings = settings.check(schedule.num_timesteps)
+        self.prediction, self.decode_fn = prediction, decode_fn
         self.sharding = dp.batch_sharding
         self._fns: dict[tuple[int, str], Callable] = {}
         # fold_in(key, i) for a round's global sample indices i, sharded like the round.
         fold = jax.vmap(jax.random.fold_in, in_axes=(None, 0))
         self._sample_keys = jax.jit(fold, out_shardings=self.sharding)
+
+    def with_settings(self, settings: SampleSettings) -> Generator:
+        """This generator with other settings (itself when they are the same: its compiled
+        programs are kept)."""
+        if settings == self.settings:
+            return self
+        return Generator(
+            self.model,
+            self.schedule,
+            self.dp,
+            self.image_shape,
+            settings,
+            prediction=self.prediction,
+            decode_fn=self.decode_fn,
+        )
 
     def _fn(self, batch: int, conditioning: str) -> Callable:
         """The compiled sampler of a round of ``batch`` with "none", "labels" or "tokens"."""
@@ -106,12 +115,8 @@ class Generator:
                     self.schedule,
                     keys,
                     shape,
-                    method=self.method,
-                    num_steps=self.num_steps,
-                    eta=self.eta,
                     prediction=self.prediction,
-                    clip_x0=self.clip_x0 or None,
-                    variance=self.variance,
+                    **self.settings.sampler_kwargs(),
                 )
                 return x if self.decode_fn is None else self.decode_fn(x)
 
@@ -157,10 +162,11 @@ class Generator:
         """
         params = self.dp.gather(params)
         d = self.dp.num_devices
-        batch = -(-min(self.batch_size, num) // d) * d
+        batch = -(-min(self.settings.batch_size, num) // d) * d
         rounds = -(-num // batch)
         total = rounds * batch
-        scale = np.float32(self.guidance_scale if guidance_scale is None else guidance_scale)
+        default = self.settings.guidance_scale
+        scale = np.float32(default if guidance_scale is None else guidance_scale)
         if tokens is not None:
             conditioning, labels = "tokens", np.full(num, -1, np.int32)
             cond = np.asarray(tokens, np.int32)

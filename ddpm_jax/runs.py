@@ -27,6 +27,7 @@ from ddpm_jax.generate import Generator
 from ddpm_jax.latent import frozen_vae
 from ddpm_jax.models.text import Tokenizer
 from ddpm_jax.parallel import DataParallel, Layout
+from ddpm_jax.sample_settings import SampleSettings
 from ddpm_jax.weights import load_diffusers_pipeline
 from ddpm_jax.workdir import read_json
 
@@ -53,8 +54,9 @@ class LoadedRun:
       output_shape: ``(H, W, C)`` of the generated images (decoded, for a latent run).
       ema_params: the variables to sample with (a run's EMA parameters), replicated over ``dp``.
       step: the checkpoint's step (0 for published weights).
-      sample_defaults: the :class:`~ddpm_jax.generate.Generator` settings (a run's
-        ``config.sample``; DDIM with 50 steps for published weights).
+      sample_settings: the sampling settings (a run's ``config.sample``; DDIM with 50 steps for
+        published weights), varied with ``replace``.
+      prediction: what the model predicts (``"eps"``, ``"x0"`` or ``"v"``).
       data: the training dataset, when known.
       config: a run's config (None for published weights).
       decode_fn: latents → images in [-1, 1] for a latent run, else None.
@@ -71,23 +73,29 @@ class LoadedRun:
     output_shape: tuple[int, int, int]
     ema_params: Any
     step: int
-    sample_defaults: dict[str, Any]
+    sample_settings: SampleSettings
+    prediction: str
     data: DataRef | None = None
     config: ml_collections.ConfigDict | None = None
     decode_fn: Callable[[jax.Array], jax.Array] | None = None
     tokenizer: Tokenizer | None = None
     label_classes: np.ndarray | None = None
 
-    def generator(self, **sample_overrides: Any) -> Generator:
-        """A :class:`~ddpm_jax.generate.Generator` with :attr:`sample_defaults`, some
-        overridden (``method``, ``num_steps``, ``guidance_scale``, ``eta``, ``clip_x0``,
-        ``prediction``, ``variance``, ``batch_size``)."""
-        unknown = sorted(set(sample_overrides) - set(self.sample_defaults))
-        if unknown:
-            raise ValueError(f"{unknown} are not sample settings: {sorted(self.sample_defaults)}")
-        kwargs = {**self.sample_defaults, **sample_overrides}
+    def generator(self, settings: SampleSettings | None = None) -> Generator:
+        """A :class:`~ddpm_jax.generate.Generator` of this model with ``settings`` (default:
+        :attr:`sample_settings`; e.g. ``run.sample_settings.replace(num_steps=20)``).
+
+        Raises:
+          UsageError: the settings are invalid for this model's schedule.
+        """
         return Generator(
-            self.model, self.schedule, self.dp, self.image_shape, decode_fn=self.decode_fn, **kwargs
+            self.model,
+            self.schedule,
+            self.dp,
+            self.image_shape,
+            self.sample_settings if settings is None else settings,
+            prediction=self.prediction,
+            decode_fn=self.decode_fn,
         )
 
     def classes_of(self, labels: np.ndarray) -> np.ndarray:
@@ -167,7 +175,8 @@ def load_run(workdir: str | os.PathLike) -> LoadedRun:
         output_shape=tuple(output_shape),
         ema_params=dp.gather(state.ema_params),
         step=int(step),
-        sample_defaults=builders.sample_settings(config),
+        sample_settings=builders.sample_settings(config),
+        prediction=config.diffusion.prediction,
         data=DataRef(d.name, d.data_dir, d.manual_dir),
         config=config,
         decode_fn=decode_fn,
@@ -197,16 +206,7 @@ def load_pretrained(
         raise UsageError(f"{path}: its config.json has no sample_size; the image size is unknown")
     dp = DataParallel(parallel)
     variables = jax.device_put(pipe.variables, dp.replicated)
-    defaults = dict(
-        method="ddim",
-        num_steps=50,
-        guidance_scale=1.0,
-        eta=0.0,
-        clip_x0=pipe.clip_x0,
-        prediction=pipe.prediction,
-        variance=pipe.variance,
-        batch_size=256,
-    )
+    settings = SampleSettings("ddim", 50, clip_x0=pipe.clip_x0, variance=pipe.variance)
     return LoadedRun(
         path=path,
         model=pipe.model,
@@ -216,7 +216,8 @@ def load_pretrained(
         output_shape=tuple(pipe.image_shape),
         ema_params=variables,
         step=0,
-        sample_defaults=defaults,
+        sample_settings=settings,
+        prediction=pipe.prediction,
         data=data,
     )
 

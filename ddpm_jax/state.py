@@ -1,4 +1,4 @@
-"""Training state, optimizer, EMA and the training step (written once, pmap-style; FSDP reuses it).
+"""Training state, optimizer, EMA and the training step (one, whatever the parallel layout).
 
 The optimizer of Ho et al. (2020) by default: Adam (lr 2e-4), linear warm-up over 5,000 steps,
 gradient clipping at global norm 1.0, and an exponential moving average of the parameters with
@@ -15,20 +15,21 @@ invariant with dropout too (up to the reduction order of the gradient mean).
 Example:
     >>> optimizer = make_optimizer(lr=2e-4, warmup_steps=5000, grad_clip=1.0)
     >>> state = create_train_state(params, optimizer)
-    >>> step_fn = make_train_step(apply_fn, schedule, optimizer, seed=0, global_batch_size=128,
-    ...                           axis_name="data")
+    >>> settings = StepSettings(seed=0, global_batch_size=128)
+    >>> step_fn = make_train_step(apply_fn, schedule, optimizer, settings,
+    ...                           map_grads=pmean_grads("data"))
     >>> state, metrics = step_fn(state, batch)  # inside shard_map / pmap over "data"
 
-:func:`make_train_step` is the per-device step (pmap-style: its own rows, ``lax.pmean`` over the
-devices); :func:`make_global_train_step` is the same step on the global batch, for ``jax.jit``
-with shardings (FSDP). Both are made of the same two pieces, the per-device loss and gradient
-and the update, so they cannot drift apart; tests compare them.
+:func:`make_train_step` is the one step: each device's loss and gradient, reduced by the layout
+(``map_grads``: ``lax.pmean`` over a mapped axis under data parallelism, FSDP's reduce-scatter on
+the global view), then the update.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.struct
 import jax
@@ -151,94 +152,60 @@ def draw_example_randomness(
     return jax.vmap(one)(keys)
 
 
-class _StepMath(NamedTuple):
-    """The pieces of one training step, shared by the per-device and the global-view step."""
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """The settings of the training step besides the network, schedule and optimizer.
 
-    device_grads: Callable  # (params, step, rows) -> (loss, grads) of those rows
-    update: Callable  # (state, loss, grads) -> (state, metrics), loss and grads averaged
+    Attributes:
+      seed: the config seed (per-example keys, see the module docstring).
+      global_batch_size: B, rows of the global batch (the tag of the dropout key).
+      prediction / weighting / min_snr_gamma: the loss (``ddpm_jax.losses.diffusion_loss``).
+      ema_decay: decay of ``ema_params``.
+      p_uncond: label dropout probability (conditional models only).
+    """
+
+    seed: int
+    global_batch_size: int
+    prediction: str = "eps"
+    weighting: str = "uniform"
+    min_snr_gamma: float = 5.0
+    ema_decay: float = 0.9999
+    p_uncond: float = 0.1
+
+    def replace(self, **changes: Any) -> StepSettings:
+        """These settings with some fields changed."""
+        return dataclasses.replace(self, **changes)
 
 
-def _step_math(
-    apply_fn,
-    schedule,
-    optimizer,
-    *,
-    seed,
-    global_batch_size,
-    lr_schedule,
-    prediction,
-    weighting,
-    min_snr_gamma,
-    ema_decay,
-    p_uncond,
-    null_label,
-) -> _StepMath:
-    def device_grads(params, step, batch):
-        """The loss and gradient of one device's rows (not yet averaged over devices)."""
-        x0 = batch["image"]
-        keys = example_keys(seed, step, batch["index"])
-        t, noise, drop = draw_example_randomness(
-            keys, x0.shape[1:], schedule.num_timesteps, p_uncond
-        )
-        cond = {}
-        if null_label is not None:
-            cond["y"] = jnp.where(drop, null_label, batch["label"]).astype(jnp.int32)
-        step_key = jax.random.fold_in(jax.random.key(seed), step)
-        dropout_key = jax.random.fold_in(step_key, global_batch_size)  # one for all devices
-        rows = batch["index"]
+GradFn = Callable[[PyTree, jax.Array, dict], tuple[jax.Array, PyTree]]
 
-        def loss_fn(params):
-            model_fn = lambda x_t, t_, **c: apply_fn(
-                params, x_t, t_, rng=dropout_key, example_index=rows, **c
-            )
-            return losses.diffusion_loss(
-                model_fn,
-                schedule,
-                x0,
-                t,
-                noise,
-                prediction=prediction,
-                weighting=weighting,
-                min_snr_gamma=min_snr_gamma,
-                cond=cond,
-            )
 
-        return jax.value_and_grad(loss_fn)(params)
+def pmean_grads(axis_name: str) -> Callable[[GradFn], GradFn]:
+    """The ``map_grads`` of a per-device step mapped over ``axis_name`` (pmap-style: shard_map,
+    pmap, vmap): the device's loss and gradient, averaged over the axis with ``lax.pmean``."""
 
-    def update(state, loss, grads):
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-        if lr_schedule is not None:
-            metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
-        new_state = TrainState(
-            step=state.step + 1,
-            params=params,
-            ema_params=ema_update(state.ema_params, params, ema_decay),
-            opt_state=opt_state,
-        )
-        return new_state, metrics
+    def map_grads(grad_fn: GradFn) -> GradFn:
+        def fn(params, step, batch):
+            loss, grads = grad_fn(params, step, batch)
+            return jax.lax.pmean(loss, axis_name), jax.lax.pmean(grads, axis_name)
 
-    return _StepMath(device_grads, update)
+        return fn
+
+    return map_grads
 
 
 def make_train_step(
     apply_fn: Callable[..., jax.Array],
     schedule: Schedule,
     optimizer: optax.GradientTransformation,
+    settings: StepSettings,
     *,
-    seed: int,
-    global_batch_size: int,
-    axis_name: str,
+    map_grads: Callable[[GradFn], GradFn],
     lr_schedule: optax.Schedule | None = None,
-    prediction: str = "eps",
-    weighting: str = "uniform",
-    min_snr_gamma: float = 5.0,
-    ema_decay: float = 0.9999,
-    p_uncond: float = 0.1,
     null_label: int | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """The per-device training step, to be mapped over ``axis_name`` (see ``ddpm_jax.parallel``).
+    """The training step: the loss and gradient of each device's rows, reduced by the layout
+    (``map_grads``), then the update (clipping, Adam, EMA).
 
     Args:
       apply_fn: ``apply_fn(params, x_t, t, y=None, rng=None, example_index=None) ->
@@ -247,122 +214,87 @@ def make_train_step(
         ``y`` int32 ``[b]`` labels when ``null_label`` is set).
       schedule: the noise schedule.
       optimizer: the optax transformation the state was created with.
-      seed: the config seed (per-example keys, see the module docstring).
-      global_batch_size: B, rows of the global batch (the tag of the dropout key).
-      axis_name: the mapped data axis; gradients, loss and grad norm are averaged over it.
+      settings: the seed, global batch size, loss, EMA and label dropout (:class:`StepSettings`).
+      map_grads: turns the per-device ``grad_fn(params, step, rows) -> (loss, grads)`` (one
+        device's rows, not yet averaged) into the loss and gradient averaged over the global
+        batch: the layout's ``map_grads`` (``Layout.map_grads``): :func:`pmean_grads` inside a
+        mapped axis (data parallelism, a per-device step), or FSDP's ``shard_map`` and
+        reduce-scatter (a global-view step, the update running on the shards).
       lr_schedule: reported as metric ``lr``; None reports nothing.
-      prediction / weighting / min_snr_gamma: the loss (``ddpm_jax.losses.diffusion_loss``).
-      ema_decay: decay of ``ema_params``.
-      p_uncond: label dropout probability (conditional models only).
       null_label: the label of the null condition of a conditional model (``model.null_label``:
         ``num_classes`` of a class-conditional UNet), else None. Dropped labels become it.
 
     Returns:
-      ``step_fn(state, batch) -> (state, metrics)``; ``batch`` holds this device's rows:
+      ``step_fn(state, batch) -> (state, metrics)``; ``batch`` holds the rows the layout gives
+      the step (a device's under data parallelism, the global batch under FSDP):
       ``"image"`` float32 ``[b, H, W, C]`` in [-1, 1], ``"label"`` int32 ``[b]`` and ``"index"``
       int32 ``[b]``, the rows' positions in the global batch. ``metrics``: float32 scalars
       ``loss`` (mean over the global batch, before the update), ``grad_norm`` (global norm of the
-      averaged gradient, before clipping) and ``lr`` (learning rate of this update); identical on
-      every device.
+      averaged gradient, before clipping) and ``lr`` (learning rate of this update).
     """
-    parts = _step_math(
-        apply_fn,
-        schedule,
-        optimizer,
-        seed=seed,
-        global_batch_size=global_batch_size,
-        lr_schedule=lr_schedule,
-        prediction=prediction,
-        weighting=weighting,
-        min_snr_gamma=min_snr_gamma,
-        ema_decay=ema_decay,
-        p_uncond=p_uncond,
-        null_label=null_label,
-    )
+    c = settings
 
-    def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        loss, grads = parts.device_grads(state.params, state.step, batch)
-        grads = jax.lax.pmean(grads, axis_name)
-        loss = jax.lax.pmean(loss, axis_name)
-        return parts.update(state, loss, grads)
+    def device_grads(params, step, batch):
+        """The loss and gradient of one device's rows (not yet averaged over devices)."""
+        x0 = batch["image"]
+        keys = example_keys(c.seed, step, batch["index"])
+        t, noise, drop = draw_example_randomness(
+            keys, x0.shape[1:], schedule.num_timesteps, c.p_uncond
+        )
+        cond = {}
+        if null_label is not None:
+            cond["y"] = jnp.where(drop, null_label, batch["label"]).astype(jnp.int32)
+        step_key = jax.random.fold_in(jax.random.key(c.seed), step)
+        dropout_key = jax.random.fold_in(step_key, c.global_batch_size)  # one for all devices
+        rows = batch["index"]
 
-    return step_fn
+        def loss_fn(params):
+            model_fn = lambda x_t, t_, **k: apply_fn(
+                params, x_t, t_, rng=dropout_key, example_index=rows, **k
+            )
+            return losses.diffusion_loss(
+                model_fn,
+                schedule,
+                x0,
+                t,
+                noise,
+                prediction=c.prediction,
+                weighting=c.weighting,
+                min_snr_gamma=c.min_snr_gamma,
+                cond=cond,
+            )
 
+        return jax.value_and_grad(loss_fn)(params)
 
-GradFn = Callable[[PyTree, jax.Array, dict], tuple[jax.Array, PyTree]]
-
-
-def make_global_train_step(
-    apply_fn: Callable[..., jax.Array],
-    schedule: Schedule,
-    optimizer: optax.GradientTransformation,
-    *,
-    seed: int,
-    global_batch_size: int,
-    map_grads: Callable[[GradFn], GradFn],
-    lr_schedule: optax.Schedule | None = None,
-    prediction: str = "eps",
-    weighting: str = "uniform",
-    min_snr_gamma: float = 5.0,
-    ema_decay: float = 0.9999,
-    p_uncond: float = 0.1,
-    null_label: int | None = None,
-) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """The training step of :func:`make_train_step` on the global batch, for ``jax.jit`` with
-    shardings (``ddpm_jax.parallel.fsdp``).
-
-    The loss and gradient are those of the per-device step: its gradient function (one device's
-    rows with their per-example keys and dropout masks) mapped over the devices by
-    ``map_grads``, which also averages them; the update (clipping, Adam, EMA) runs on the global
-    view, in whatever sharding ``map_grads`` returns the gradient (FSDP: that of the parameters,
-    so Adam and the EMA run on shards). The results equal the per-device step's up to the float32
-    order of the gradient sum, with dropout too.
-
-    Args:
-      apply_fn / schedule / optimizer / seed / global_batch_size / lr_schedule / prediction /
-        weighting / min_snr_gamma / ema_decay / p_uncond / null_label: see
-        :func:`make_train_step`.
-      map_grads: turns the per-device ``grad_fn(params, step, rows) -> (loss, grads)`` (the
-        loss and gradient of one device's rows) into ``fn(params, step, batch) -> (loss,
-        grads)`` of the global batch, averaged over all rows (e.g.
-        ``FullyShardedDataParallel.map_grads``: ``shard_map`` and a reduce-scatter).
-
-    Returns:
-      ``step_fn(state, batch) -> (state, metrics)``; ``batch`` holds the global batch
-      (``"image"`` float32 ``[B, H, W, C]``, ``"label"`` and ``"index"`` int32 ``[B]``);
-      ``metrics`` as in :func:`make_train_step`.
-    """
-    parts = _step_math(
-        apply_fn,
-        schedule,
-        optimizer,
-        seed=seed,
-        global_batch_size=global_batch_size,
-        lr_schedule=lr_schedule,
-        prediction=prediction,
-        weighting=weighting,
-        min_snr_gamma=min_snr_gamma,
-        ema_decay=ema_decay,
-        p_uncond=p_uncond,
-        null_label=null_label,
-    )
-    global_grads = map_grads(parts.device_grads)
+    global_grads = map_grads(device_grads)
 
     def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         loss, grads = global_grads(state.params, state.step, batch)
-        return parts.update(state, loss, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        if lr_schedule is not None:
+            metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=params,
+            ema_params=ema_update(state.ema_params, params, c.ema_decay),
+            opt_state=opt_state,
+        )
+        return new_state, metrics
 
     return step_fn
 
 
 __all__ = [
+    "StepSettings",
     "TrainState",
     "create_train_state",
     "draw_example_randomness",
     "ema_update",
     "example_keys",
     "learning_rate_schedule",
-    "make_global_train_step",
     "make_optimizer",
     "make_train_step",
+    "pmean_grads",
 ]

@@ -30,8 +30,8 @@ step is reached (``train.steps_per_call`` steps per call).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -45,7 +45,6 @@ import ml_collections
 import numpy as np
 
 from ddpm_jax import builders, data, images, parallel, resume
-from ddpm_jax import config as config_lib
 from ddpm_jax.checkpoint import Checkpointer
 from ddpm_jax.errors import NonFiniteLossError, UsageError
 from ddpm_jax.evaluation.during_training import PeriodicEvaluation, summary
@@ -53,69 +52,10 @@ from ddpm_jax.failures import write_failure
 from ddpm_jax.generate import Generator
 from ddpm_jax.preemption import PreemptionGuard
 from ddpm_jax.records import RunRecords
-from ddpm_jax.workdir import (
-    FINAL_TAG,
-    GRID_TAG,
-    JsonLines,
-    check_workdir,
-    format_duration,
-    is_writer,
-    log,
-    read_json,
-    run_key,
-    save_npz,
-    trainer_lock,
-    warn,
-    write_json,
-)
+from ddpm_jax.run_start import RunStart, prepare, record_start
+from ddpm_jax.workdir import FINAL_TAG, GRID_TAG, format_duration, is_writer, log, run_key, save_npz
 
 _MAX_PENDING_CALLS = 64  # fetch metrics at least this often (bounds host memory)
-# A run's records, moved aside (never deleted) when it starts over from step 0.
-_RECORDS = ("metrics.jsonl", "config_history.jsonl", "samples.npz", "report.png", "samples")
-
-
-def check_not_lost(workdir: str, checkpoint_every: int, start_over: bool) -> bool:
-    """Refuses to start a run from step 0 over records of checkpoints that are gone (before
-    anything in ``workdir`` is created); returns whether the run starts over such records
-    (``start_over``: they are then moved aside, see :func:`run`).
-
-    Raises:
-      UsageError: ``workdir`` has no checkpoint but :func:`records_of_checkpoints`.
-    """
-    directory = os.path.join(workdir, "checkpoints")
-    if os.path.isdir(directory) and any(p.isdigit() for p in os.listdir(directory)):
-        return False  # restore_latest decides
-    lost = records_of_checkpoints(workdir, checkpoint_every)
-    if lost and not start_over:
-        raise UsageError(
-            f"{workdir} holds the records of a run ({lost}) but no checkpoint in {directory}; "
-            "nothing was changed. Put its checkpoints back, or pass --start_over to keep the old "
-            "records beside and train from step 0"
-        )
-    return bool(lost)
-
-
-def records_of_checkpoints(workdir: str, checkpoint_every: int) -> str:
-    """What in ``workdir`` shows that its run had written checkpoints: final samples, a resume
-    recorded in ``config_history.jsonl``, or metrics of a step at or after the first checkpoint
-    (``checkpoint_every`` now or in the saved ``config.json``); '' when nothing does (a new run,
-    or one stopped before its first checkpoint, whose records are recomputed bit for bit)."""
-    found = [n for n in ("samples.npz", "config_history.jsonl") if os.path.exists(f"{workdir}/{n}")]
-    logged = [r["step"] for r in JsonLines(os.path.join(workdir, "metrics.jsonl")).read()]
-    saved = read_json(os.path.join(workdir, "config.json")) or {}
-    every = min(checkpoint_every, _get(saved, "train.checkpoint_every"))
-    if logged and max(logged) >= every:
-        found.append(f"metrics.jsonl up to step {max(logged)}")
-    return ", ".join(found)
-
-
-def _get(tree: dict, field: str, default: Any = math.inf) -> Any:
-    """``tree["a"]["b"]`` for ``field="a.b"`` of a config as JSON; ``default`` when absent."""
-    for part in field.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return default
-        tree = tree[part]
-    return tree
 
 
 @dataclasses.dataclass
@@ -146,57 +86,58 @@ def run(
     workdir: str | os.PathLike,
     *,
     step_callback: Callable[[int], None] | None = None,
-    model: nn.Module | None = None,
-    dataset: data.Dataset | None = None,
-    decode_fn: Callable[[jax.Array], jax.Array] | None = None,
     start_over: bool = False,
     allow_change: Sequence[str] = (),
 ) -> RunResult:
-    """Trains (or resumes) the diffusion model of ``config`` in ``workdir``.
-
-    On an existing run the config is compared first (``resume.check_resume``); nothing in
-    ``workdir`` is written before the newest readable checkpoint has been restored. The changes
-    the resumed run takes are printed and appended to ``config_history.jsonl``; after a change
-    of ``train.batch_size`` the batches continue the data stream from the examples already seen
-    (``resume.data_position``).
-
-    Args:
-      config: a ConfigDict built from ``ddpm_jax.config.default_config()``.
-      workdir: work directory (created; resumed from when it holds checkpoints).
-      step_callback: optional ``callback(step)`` called on every process after each compiled
-        call with the number of completed updates (tests use it to interrupt runs).
-      model: optional network replacing ``builders.build_model(config)``: it takes the UNet's
-        call ``apply(vars, x, t, y=None, train=False)`` and has ``null_label`` (None, or the
-        label of the null condition), e.g. ``ddpm_jax.models.text.PromptUNet``.
-      dataset: optional :class:`ddpm_jax.data.Dataset` replacing
-        ``builders.build_dataset(config)``, e.g. ``data.array_dataset`` of encoded latents.
-      decode_fn: optional jittable map of sampled arrays to images ``[B, H, W, C]`` in [-1, 1]
-        (e.g. a frozen VAE decoder), applied before the grids and ``samples.npz``.
-      start_over: when the run has checkpoints and none can be restored, move them aside and
-        train from step 0 (without it, that is an error and nothing is changed).
-      allow_change: the fields that change what is trained (``resume.TRAINING``) that this
-        resume may change (``--allow_change``); each change is recorded with ``"allowed"``.
-
-    Returns:
-      A :class:`RunResult`.
+    """Trains (or resumes) the diffusion model of ``config`` in ``workdir`` (created): the
+    preparation (``run_start.prepare``: config, workdir, lock, resume; ``start_over`` and
+    ``allow_change`` are its), the dataset and UNet of ``config``, then :func:`train`. Nothing
+    in ``workdir`` is written before the newest readable checkpoint has been restored; after a
+    change of ``train.batch_size`` the batches continue the data stream from the examples
+    already seen (``resume.data_position``). Returns a :class:`RunResult`.
 
     Raises:
       UsageError: invalid config, workdir or data, found before anything is compiled.
       NonFiniteLossError: the loss or gradient norm became non-finite.
     """
-    config_lib.validate(config, device_count=jax.device_count(), process_count=jax.process_count())
-    workdir = check_workdir(workdir)
-    with trainer_lock(workdir):
-        changes = resume.check_resume(config, workdir, allow_change)
-        lost = check_not_lost(workdir, config.train.checkpoint_every, start_over)
-        history = resume.read_history(workdir)  # every process, before process 0 appends to it
-        ds = builders.build_dataset(config) if dataset is None else dataset
-        model = builders.build_model(config, ds.num_classes) if model is None else model
-        trainer = Trainer(config, workdir, ds, model, decode_fn)
+    with prepare(config, workdir, start_over=start_over, allow_change=allow_change) as start:
+        ds = builders.build_dataset(config)
+        model = builders.build_model(config, ds.num_classes)
+        return train(config, start, ds, model, step_callback=step_callback)
+
+
+def train(
+    config: ml_collections.ConfigDict,
+    start: RunStart,
+    dataset: data.Dataset,
+    model: nn.Module,
+    *,
+    decode_fn: Callable[[jax.Array], jax.Array] | None = None,
+    label_classes: np.ndarray | None = None,
+    step_callback: Callable[[int], None] | None = None,
+) -> RunResult:
+    """The run loop of a run prepared by ``run_start.prepare`` (inside its block): ``start``.
+
+    Args:
+      dataset: the training batches (:func:`run`: ``builders.build_dataset``; a latent run: its
+        encoded latents, ``data.array_dataset``).
+      model: the network: it takes the UNet's call ``apply(vars, x, t, y=None, train=False)`` and
+        has ``null_label`` (None, or the label of the null condition), e.g. a
+        ``ddpm_jax.models.text.PromptUNet``.
+      decode_fn: optional jittable map of sampled arrays to images ``[B, H, W, C]`` in [-1, 1]
+        (a frozen VAE decoder), applied before the grids and ``samples.npz``.
+      label_classes: ``[num_labels]`` int32, the dataset class each conditioning label stands
+        for (a latent run's prompts), for evaluation; None: the labels are the classes.
+      step_callback: optional ``callback(step)`` called on every process after each compiled
+        call with the number of completed updates (tests use it to interrupt runs).
+    """
+    with PreemptionGuard() as preemption:
+        trainer = Trainer(
+            config, start, dataset, model, preemption, decode_fn=decode_fn,
+            label_classes=label_classes,
+        )  # fmt: skip
         try:
-            result = trainer.run(
-                step_callback, changes=changes, history=history, start_over=start_over, lost=lost
-            )
+            result = trainer.run(step_callback)
         except BaseException:
             trainer.close(raise_errors=False)  # the first error is the one to report
             raise
@@ -205,22 +146,24 @@ def run(
 
 
 class Trainer:
-    """Every piece of one run, built before anything is compiled or written, and its loop.
+    """Every piece of one run, built before anything is compiled or written, and its loop;
+    the arguments are :func:`train`'s and the active guard whose notices stop the run."""
 
-    Args:
-      config: the validated config.
-      workdir: the absolute work directory.
-      ds: the training batches.
-      model: the network (``null_label`` None for an unconditional model).
-      decode_fn: see :func:`run`.
-    """
-
-    def __init__(self, config, workdir: str, ds: data.Dataset, model: nn.Module, decode_fn=None):
-        self.config, self.workdir, self.ds, self.model = config, workdir, ds, model
-        self.metrics_path = os.path.join(workdir, "metrics.jsonl")
-        self.records: RunRecords | None = None  # opened once the start step is known
-        self.evaluator = None  # built at the first evaluation
-        self.samples_path = os.path.join(workdir, "samples.npz")
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        start: RunStart,
+        ds: data.Dataset,
+        model: nn.Module,
+        preemption: PreemptionGuard,
+        *,
+        decode_fn: Callable[[jax.Array], jax.Array] | None = None,
+        label_classes: np.ndarray | None = None,
+    ):
+        self.config, self.start, self.ds, self.model = config, start, ds, model
+        self.workdir, self.preemption = start.workdir, preemption
+        self.metrics_path = os.path.join(self.workdir, "metrics.jsonl")
+        self.samples_path = os.path.join(self.workdir, "samples.npz")
         self.dp = builders.build_parallel(config)
         self.schedule = builders.build_schedule(config)
         self.optimizer, lr_schedule = builders.build_optimizer(config)
@@ -235,8 +178,9 @@ class Trainer:
             self.schedule,
             self.dp,
             ds.image_shape,
+            builders.sample_settings(config),
+            prediction=config.diffusion.prediction,
             decode_fn=decode_fn,
-            **builders.sample_settings(config),
         )
         self.evaluation = None
         if "eval" in config and config.eval.every > 0:
@@ -244,62 +188,48 @@ class Trainer:
             if decode_fn is not None:
                 x = jax.ShapeDtypeStruct((1, *ds.image_shape), jax.numpy.float32)
                 output_shape = jax.eval_shape(decode_fn, x).shape[1:]
-            classes = model.null_label is not None and "latent" not in config
-            self.evaluation = PeriodicEvaluation(config, self.generator, output_shape, classes)
+            self.evaluation = PeriodicEvaluation(
+                config, self.generator, output_shape, label_classes
+            )
         self.tty = is_writer() and sys.stdout.isatty()
         self.ckpt = Checkpointer(
-            os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints
+            os.path.join(self.workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints
         )
 
     def close(self, raise_errors: bool = True) -> None:
-        """Waits for pending checkpoint writes and releases the checkpointer and the records."""
-        if self.records is not None:
-            self.records.close()
+        """Waits for pending checkpoint writes and releases the checkpointer."""
         try:
             self.ckpt.close()
         except Exception:
             if raise_errors:
                 raise
 
-    def run(
-        self,
-        step_callback,
-        *,
-        changes: dict,
-        history: Sequence[dict] = (),
-        start_over: bool = False,
-        lost: bool = False,
-    ) -> RunResult:
+    def run(self, step_callback) -> RunResult:
         """Restores or initialises, trains, samples; SIGTERM at any point after the restore
         saves the current step (when training) and returns ``status="preempted"``.
 
         Args:
-          step_callback: see :func:`run`.
-          changes: ``resume.check_resume``'s changes of the config.
-          history: ``resume.read_history`` of the workdir, read before anything was written.
-          start_over: see :func:`run`.
-          lost: the run starts over records whose checkpoints are gone (:func:`check_not_lost`).
+          step_callback: see :func:`train`.
         """
-        with PreemptionGuard() as self.preemption:
-            try:
-                return self._run(step_callback, changes, history, start_over, lost)
-            except Exception as e:
-                # A full disk may surface from Orbax's background write as a tensorstore error.
-                unwritable = write_failure(e)
-                if unwritable is None:
-                    raise
-                kept = self.ckpt.latest_step()
-                kept = "none was written" if kept is None else f"step {kept}"
-                raise UsageError(
-                    f"cannot write in {self.workdir}: {unwritable}; the last complete "
-                    f"checkpoint is {kept} in {self.ckpt.directory}. Free space or fix the "
-                    "permissions, then run the same command again"
-                ) from e
+        try:
+            return self._run(step_callback)
+        except Exception as e:
+            # A full disk may surface from Orbax's background write as a tensorstore error.
+            unwritable = write_failure(e)
+            if unwritable is None:
+                raise
+            kept = self.ckpt.latest_step()
+            kept = "none was written" if kept is None else f"step {kept}"
+            raise UsageError(
+                f"cannot write in {self.workdir}: {unwritable}; the last complete "
+                f"checkpoint is {kept} in {self.ckpt.directory}. Free space or fix the "
+                "permissions, then run the same command again"
+            ) from e
 
-    def _run(self, step_callback, changes: dict, history, start_over: bool, lost: bool):
-        tc = self.config.train
+    def _run(self, step_callback):
+        tc, changes, prepared = self.config.train, self.start.changes, self.start
         had_checkpoints = bool(self.ckpt.all_steps())
-        state, start = self.ckpt.restore_latest(self.abstract_state, start_over=start_over)
+        state, start = self.ckpt.restore_latest(self.abstract_state, start_over=prepared.start_over)
         if state is None:
             state, start = builders.init_state(self.init, self.abstract_state), 0
             log(f"new run in {self.workdir} ({self.dp.num_devices} devices, {self.dp.kind})")
@@ -312,12 +242,19 @@ class Trainer:
         )
         batch = tc.batch_size
         saved_batch = changes.get("train.batch_size", (batch, batch))[0]
-        position = resume.data_position(history, start, saved_batch, batch)
+        position = resume.data_position(prepared.history, start, saved_batch, batch)
         if is_writer():  # the restore succeeded: now the run's files may change
-            started_over = (had_checkpoints or lost) and start == 0
-            self._record_start(start, changes, position, started_over=started_over)
-        self.records = RunRecords(self.workdir, start)
+            started_over = (had_checkpoints or prepared.lost) and start == 0
+            record_start(
+                self.workdir, self.config, start, changes, position, self.ds.num_examples,
+                started_over=started_over,
+            )  # fmt: skip
         os.makedirs(os.path.join(self.workdir, "samples"), exist_ok=True)
+        with contextlib.closing(RunRecords(self.workdir, start)) as records:
+            return self._train(state, start, position, records, step_callback)
+
+    def _train(self, state, start: int, position, records: RunRecords, step_callback):
+        tc, changes = self.config.train, self.start.changes
         if start >= tc.num_steps:
             log(f"training already finished (step {start} >= train.num_steps={tc.num_steps})")
             path = self._final_samples(state, overwrite=False)
@@ -332,11 +269,11 @@ class Trainer:
             ema = self.dp.gather(state.ema_params)
             return RunResult(status, start, self.workdir, self.metrics_path, path, ema)
         status, step, state = self._loop(
-            self.dp.to_step(state), start, position.examples_seen, step_callback
+            self.dp.to_step(state), start, position.examples_seen, records, step_callback
         )
         path = None
         if status == "completed":
-            self._write_report()
+            self._write_report(records)
             path = self._final_samples(self.dp.from_step(state), overwrite=True)
             status = "preempted" if self.preemption.requested else status
         if status == "completed":
@@ -348,49 +285,7 @@ class Trainer:
         ema = self.dp.gather(self.dp.from_step(state).ema_params)
         return RunResult(status, step, self.workdir, self.metrics_path, path, ema)
 
-    def _has(self, name: str) -> bool:
-        return os.path.exists(os.path.join(self.workdir, name))
-
-    def _record_start(
-        self, start: int, changes: dict, position: resume.DataPosition, started_over: bool
-    ) -> None:
-        """config.json, config_history.jsonl and metrics.jsonl after a restore (process 0).
-
-        ``config_history.jsonl`` gets one record ``{"step", "time"}`` with the config's
-        ``"changes"`` (``{field: [old, new]}``; ``"allowed"``: those let through by
-        ``--allow_change``) and, when ``position.record``, the data position (``"examples_seen"``
-        and the ``"batch_size"`` from this step on), before ``config.json`` is replaced.
-        """
-        if started_over:  # a start over keeps the old records beside the new ones
-            stamp = int(time.time())
-            for name in _RECORDS:
-                if self._has(name):
-                    kept = os.path.join(self.workdir, f"{name}.{stamp}.before-step-0")
-                    os.replace(os.path.join(self.workdir, name), kept)
-                    warn(f"training starts from step 0: the earlier {name} was moved to {kept}")
-        record = dict(step=start, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        if changes and start > 0:
-            record["changes"] = {f: [a, b] for f, (a, b) in changes.items()}
-            allowed = [f for f in changes if f in resume.TRAINING]
-            if allowed:
-                record["allowed"] = allowed
-            listed = ", ".join(
-                f"{f} {a!r} -> {b!r}" + (" (--allow_change)" if f in allowed else "")
-                for f, (a, b) in changes.items()
-            )
-            log(f"config changes from step {start} on ({resume.HISTORY_FILE}): {listed}")
-        if position.record:
-            batch, seen = self.config.train.batch_size, position.examples_seen
-            record.update(examples_seen=seen, batch_size=batch)
-            log(
-                f"data: batches of {batch} from step {start} on continue the shuffled stream "
-                f"after the {seen} examples seen (epoch {seen // self.ds.num_examples + 1})"
-            )
-        if len(record) > 2:
-            JsonLines(os.path.join(self.workdir, resume.HISTORY_FILE)).append(record)
-        write_json(os.path.join(self.workdir, "config.json"), json.loads(self.config.to_json()))
-
-    def _loop(self, state, start: int, examples_seen: int, step_callback):
+    def _loop(self, state, start: int, examples_seen: int, records: RunRecords, step_callback):
         tc, dp, ckpt = self.config.train, self.dp, self.ckpt
         local_b = self.ds.local_batch_size
         index = (jax.process_index() * local_b + np.arange(local_b)).astype(np.int32)
@@ -427,7 +322,7 @@ class Trainer:
                         record = dict(step=s, loss=float(loss), grad_norm=float(gnorm))
                         record.update(lr=float(m["lr"][j]), steps_per_sec=sps)
                         record.update(elapsed_s=now - t_start)
-                        self.records.scalars(record)
+                        records.scalars(record)
                         eta = format_duration((tc.num_steps - s) / sps if sps > 0 else None)
                         line = f"step {s}/{tc.num_steps} | loss {loss:.4f} | {sps:.2f} steps/s"
                         if tty:  # one progress line, rewritten in place
@@ -462,11 +357,11 @@ class Trainer:
                 if crossed(tc.checkpoint_every) or step == tc.num_steps:
                     save()
                 if self.config.sample.grid_size > 0 and crossed(tc.sample_every):
-                    self._sample_grid(state, step)
+                    self._sample_grid(state, step, records)
                 if self.evaluation is not None and (
                     crossed(self.config.eval.every) or step == tc.num_steps
                 ):
-                    self._evaluate(state, step)  # stops early on a preemption notice
+                    self._evaluate(state, step, records)  # stops early on a preemption notice
             if self.preemption.requested:
                 save()
                 ckpt.wait()
@@ -481,30 +376,30 @@ class Trainer:
         ckpt.wait()
         return "completed", step, state
 
-    def _sample_grid(self, state, step: int) -> None:
+    def _sample_grid(self, state, step: int, records: RunRecords) -> None:
         g = self.config.sample.grid_size
         ema = self.dp.from_step(state.ema_params)
         imgs, _ = self.generator(ema, run_key(self.config.seed, GRID_TAG), g * g)
         if is_writer():
             grid = images.make_grid(imgs, g, **images.READABLE)  # column j: class j (cycled)
             images.save_png(f"{self.workdir}/samples/step_{step:07d}.png", grid)
-            self.records.image("samples", grid, step)
+            records.image("samples", grid, step)
 
-    def _evaluate(self, state, step: int) -> None:
+    def _evaluate(self, state, step: int, records: RunRecords) -> None:
         """FID / KID (and accuracy) of EMA samples into the records, and the report plot."""
         ema = self.dp.gather(self.dp.from_step(state.ema_params))
         record = self.evaluation(ema, step, should_stop=self.preemption.reached)
         if record is None:
             log(f"{chr(10) if self.tty else ''}preempted (SIGTERM) while evaluating step {step}")
             return
-        self.records.scalars(record)
+        records.scalars(record)
         tc = self.config.train
         log(f"{chr(10) if self.tty else ''}step {step}/{tc.num_steps} | eval: {summary(record)}")
-        self._write_report()
+        self._write_report(records)
 
-    def _write_report(self) -> None:
+    def _write_report(self, records: RunRecords) -> None:
         """``report.png``: the loss (and evaluation metrics) against the step (process 0)."""
-        if is_writer() and self.records.metrics.read():
+        if is_writer() and records.metrics.read():
             from ddpm_jax.evaluation.report import plot_run  # matplotlib: only when plotting
 
             plot_run(self.workdir, os.path.join(self.workdir, "report.png"))
@@ -531,4 +426,4 @@ class Trainer:
         return self.samples_path
 
 
-__all__ = ["RunResult", "Trainer", "check_not_lost", "records_of_checkpoints", "run"]
+__all__ = ["RunResult", "Trainer", "run", "train"]

@@ -10,9 +10,13 @@ Everything a run writes goes through here, so the rules hold in one place:
   run (:func:`trainer_lock`); readers (sampling, evaluation) take none;
 - ``metrics.jsonl`` and ``config_history.jsonl`` are appended line by line, and cut back to a
   restored step (:class:`JsonLines`);
-- the root keys of initialisation, sample grids, final samples, evaluation and the autoencoder are
-  ``fold_in(key(seed), TAG)`` with tags far above any step index ``s`` of the per-step keys
-  ``fold_in(key(seed), s)`` (:func:`run_key`).
+- the RNG tags, every key of a run in one list: training step ``s`` draws example ``i``'s
+  timestep, noise and label dropout from ``fold_in(fold_in(key(seed), s), i)`` and the dropout
+  masks from ``fold_in(fold_in(key(seed), s), B)`` (``ddpm_jax.state``); the data order is
+  ``seed``'s (``ddpm_jax.data``); the root keys of initialisation, sample grids, final samples,
+  evaluation, the autoencoder and a latent run's other prompts are ``run_key(seed, TAG)`` =
+  ``fold_in(key(seed), TAG)`` with the ``*_TAG`` below, far above any step index ``s``; sample
+  ``j`` of a sampling call draws from ``fold_in(root, j)`` alone (``ddpm_jax.generate``).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ GRID_TAG = 2_000_000_002  # the sample grids written during training
 FINAL_TAG = 2_000_000_003  # the final samples (samples.npz, per-prompt samples)
 EVAL_TAG = 2_000_000_004  # evaluation samples
 VAE_TAG = 2_000_000_005  # the autoencoder of a latent run (initialisation and training)
+PROMPT_TAG = 2_000_000_006  # a latent run's samples of prompts it was not trained on
 
 
 def run_key(seed: int, tag: int) -> jax.Array:
@@ -285,6 +290,7 @@ __all__ = [
     "GRID_TAG",
     "INIT_TAG",
     "LOCK_FILE",
+    "PROMPT_TAG",
     "VAE_TAG",
     "JsonLines",
     "atomic_open",

@@ -24,7 +24,7 @@ import time
 import ml_collections
 import numpy as np
 
-from ddpm_jax import cli, data
+from ddpm_jax import cli, data, runs
 from ddpm_jax import config as config_lib
 from ddpm_jax.latent import pipeline, prompts
 from ddpm_jax.preemption import PreemptionGuard
@@ -124,28 +124,19 @@ def run(
     log(f"loaded {n} training images {images.shape[1:]}")
     train_prompts, prompt_class = prompts.class_prompts(TEMPLATES, CLASSES)
     heldout, _ = prompts.class_prompts(HELDOUT_TEMPLATES, CLASSES)
-    all_prompts = train_prompts + heldout
     with PreemptionGuard() as preemption:  # SIGTERM in any phase: state saved, nothing final
-        latent_run = pipeline.train_latent(
-            config,
-            workdir,
-            images,
-            labels,
-            train_prompts,
-            prompt_class,
-            log=log,
-            preemption=preemption,
-            start_over=start_over,
-            allow_change=allow_change,
-        )
-        if latent_run is None:
+        result = pipeline.train_latent(
+            config, workdir, images, labels, train_prompts, prompt_class, log=log,
+            preemption=preemption, start_over=start_over, allow_change=allow_change,
+        )  # fmt: skip
+        if result is None:
             return
-        stop = preemption.reached
-        samples = prompts.sample_prompt_images(config, latent_run, all_prompts, should_stop=stop)
+        loaded, n = runs.load_run(workdir), config.latent.samples_per_prompt
+        samples = prompts.sample_prompts(loaded, heldout, n, config.seed, preemption.reached)
         if samples is None:
             log("preempted (SIGTERM) while sampling: nothing written; run the same command again")
             return
-    path = prompts.write_prompt_outputs(workdir, all_prompts, samples, prompt_class)
+    path = prompts.write_prompt_outputs(workdir, train_prompts + heldout, samples)
     log(f"wrote {workdir}/prompts/*.png and {path}")
 
 

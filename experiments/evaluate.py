@@ -2,7 +2,8 @@
 (or ``--pretrained=DIR --dataset=NAME``) ``[flags]``.
 
 Samples ``--num_samples`` images from the EMA parameters of the run's newest checkpoint (a pixel
-or a latent run) with ``--method`` / ``--num_steps`` / ``--guidance_scale`` (defaults: the run's
+or a latent run) with the sampling flags (``--method``, ``--num_steps``, ``--guidance_scale``,
+``--eta``, ... one per field of ``ddpm_jax.sample_settings.SampleSettings``; defaults: the run's
 ``sample.*`` config), sharded over all devices, scores them against cached reference statistics
 of the training split at the samples' size (digits: digits-FID, KID, class accuracy; other
 datasets: Inception FID, KID, IS with ``--inception_path``) and writes ``<out>.json`` and a PNG
@@ -49,11 +50,8 @@ def _define_flags() -> flags.FlagValues:
     flags.DEFINE_string("dataset", None, "The --pretrained model's training dataset.", **f)
     flags.DEFINE_string("data_dir", None, "tfds data directory of --dataset.", **f)
     flags.DEFINE_string("manual_dir", None, "Archives to prepare --dataset offline.", **f)
-    flags.DEFINE_string("method", None, "Sampler (default: the run's sample.method).", **f)
-    flags.DEFINE_integer("num_steps", None, "Sampling steps (default: sample.num_steps).", **f)
-    flags.DEFINE_float("guidance_scale", None, "CFG scale (default: sample.guidance_scale).", **f)
+    cli.define_sample_flags(fv)  # --method, --num_steps, --eta, --guidance_scale, ...
     flags.DEFINE_integer("num_samples", 1000, "Samples to draw (per sweep cell).", **f)
-    flags.DEFINE_float("eta", 0.0, "DDIM eta.", **f)
     flags.DEFINE_integer("seed", 0, "Sampling seed.", **f)
     flags.DEFINE_boolean("sweep", False, "Steps sweep and guidance sweep.", **f)
     flags.DEFINE_string("sweep_steps", DEFAULT_SWEEP_STEPS, "method:steps,...;... ('full'=T).", **f)
@@ -78,19 +76,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 def _main(fv: flags.FlagValues) -> dict:
 
-    from ddpm_jax.evaluation import evaluate as ev
     from ddpm_jax.evaluation import report
+    from ddpm_jax.evaluation import sweep as ev
     from ddpm_jax.runs import DataRef, load
     from ddpm_jax.workdir import is_writer, log
 
     data = DataRef(fv.dataset, fv.data_dir, fv.manual_dir) if fv.dataset else None
     run = load(fv.workdir, fv.pretrained, data=data)
-    s, T = run.sample_defaults, run.schedule.num_timesteps
-    method = fv.method if fv.method is not None else s["method"]
-    num_steps = fv.num_steps if fv.num_steps is not None else s["num_steps"]
-    scale = fv.guidance_scale if fv.guidance_scale is not None else s["guidance_scale"]
-    setting = dict(guidance_scale=scale, num_samples=fv.num_samples, eta=fv.eta)
-    ev.check_sampling(T, method=method, num_steps=num_steps, **setting)
+    T = run.schedule.num_timesteps
+    settings = cli.sample_settings(fv, run.sample_settings, T)
+    if fv.num_samples < 2:
+        raise UsageError(f"--num_samples={fv.num_samples} is invalid: expected an integer >= 2")
     if fv.sweep:
         steps = ev.parse_steps_spec(fv.sweep_steps, T)
         try:
@@ -100,7 +96,7 @@ def _main(fv: flags.FlagValues) -> dict:
         try:
             for m, ns in steps.items():
                 for n in ns:
-                    ev.check_sampling(T, method=m, num_steps=n, **setting)
+                    settings.replace(method=m, num_steps=n).check(T)
         except UsageError as e:
             raise UsageError(f"--sweep_steps={fv.sweep_steps!r}: {e}") from None
     run_evaluator = ev.RunEvaluator(
@@ -118,14 +114,11 @@ def _main(fv: flags.FlagValues) -> dict:
         ddpm_n = fv.sweep_ddpm_num_samples
         result = ev.sweep(
             run_evaluator,
+            settings,
             steps=steps,
             guidance_scales=scales,
-            guidance_scale=scale,
-            method=method,
-            num_steps=num_steps,
             num_samples=fv.num_samples,
             num_samples_for=lambda m, n: ddpm_n if (m == "ddpm" and ddpm_n) else fv.num_samples,
-            eta=fv.eta,
             seed=fv.seed,
         )
         if is_writer():
@@ -133,15 +126,8 @@ def _main(fv: flags.FlagValues) -> dict:
             log(report.sweep_markdown(result))
             log("wrote " + ", ".join(paths.values()))
         return result
-    result, imgs = run_evaluator.evaluate(
-        method=method,
-        num_steps=num_steps,
-        guidance_scale=scale,
-        num_samples=fv.num_samples,
-        eta=fv.eta,
-        seed=fv.seed,
-    )
-    name = f"{method}_{num_steps}_g{scale:g}_n{fv.num_samples}_seed{fv.seed}.json"
+    result, imgs = run_evaluator.evaluate(settings, fv.num_samples, seed=fv.seed)
+    name = f"{settings.name()}_n{fv.num_samples}_seed{fv.seed}.json"
     if is_writer():
         out, grid = report.write_report(result, imgs, fv.out or os.path.join(eval_dir, name))
         log(f"metrics: {result['metrics']}")

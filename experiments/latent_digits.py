@@ -12,8 +12,10 @@ Writes into ``--workdir`` (besides the run loop's checkpoints and metrics):
   prompts);
 - ``prompts/<prompt>.png``: a grid of samples for every training prompt and for the held-out
   phrasings of ``HELDOUT_TEMPLATES`` (new combinations of known words);
-- ``samples.npz``: ``images`` uint8 [N, 32, 32, 1] (decoded samples of the training prompts) and
-  ``labels`` int32 [N], the class each sample's prompt names;
+- ``samples.npz``: ``images`` uint8 [N, 32, 32, 1] (decoded samples of the training prompts,
+  sample ``i`` of prompt ``i % P``) and ``labels`` int32 [N], the class each sample's prompt
+  names: what ``python -m experiments.sample --workdir=DIR --num_samples=N`` draws again, bit for
+  bit, on any number of devices;
 - ``latent_metrics.json``: the autoencoder's reconstruction error on the held-out digits and the
   fraction of samples a digits classifier (on 8x8 downsampled samples) assigns to the class their
   prompt names.
@@ -33,13 +35,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ddpm_jax import cli, data, images
+from ddpm_jax import cli, data, images, runs
 from ddpm_jax import config as config_lib
 from ddpm_jax.evaluation.digits_classifier import train_digits_classifier
-from ddpm_jax.latent import pipeline, prompts
+from ddpm_jax.latent import frozen_vae, pipeline, prompts
 from ddpm_jax.models.autoencoder import AutoencoderKL
 from ddpm_jax.preemption import PreemptionGuard
-from ddpm_jax.workdir import is_writer, write_json
+from ddpm_jax.workdir import is_writer, read_json, write_json
 
 NAMES = tuple((name,) for name in ("zero one two three four five six seven eight nine".split()))
 TEMPLATES = ("a handwritten {name}", "the digit {name}", "the digit {index}", "the number {name}")
@@ -48,7 +50,7 @@ HELDOUT_TEMPLATES = ("the number {index}", "a handwritten {index}")
 
 def get_config() -> ml_collections.ConfigDict:
     c = config_lib.default_config()
-    c.data.name = "digits"  # not read: the latents are built by the experiment
+    c.data.name = "digits"  # the dataset the latents are built from (and evaluated against)
     c.latent = config_lib.latent_config()
 
     c.latent.text_width = 32
@@ -100,7 +102,8 @@ def run(
     start_over: bool = False,
     allow_change: tuple[str, ...] = (),
 ) -> dict | None:
-    """Trains (or resumes) and writes the per-prompt grids, ``samples.npz`` and metrics.
+    """Trains (or resumes), then samples the run as ``experiments.sample`` would and writes the
+    per-prompt grids, ``samples.npz`` and metrics.
 
     SIGTERM in any phase (autoencoder, diffusion, sampling) stops it with nothing final written
     (the training state is saved); the same command then resumes. A finished run (its metrics
@@ -110,38 +113,32 @@ def run(
     log = lambda msg: print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
     train_prompts, prompt_class = prompts.class_prompts(TEMPLATES, NAMES)
     heldout, heldout_class = prompts.class_prompts(HELDOUT_TEMPLATES, NAMES)
-    all_prompts = train_prompts + heldout
-    train_images, train_labels = data.digits_arrays("train")
+    metrics_path = os.path.join(workdir, "latent_metrics.json")
+    images_, labels = data.digits_arrays("train")
     with PreemptionGuard() as preemption:
-        latent_run = pipeline.train_latent(
-            config,
-            workdir,
-            train_images,
-            train_labels,
-            train_prompts,
-            prompt_class,
-            log=log,
-            preemption=preemption,
-            start_over=start_over,
-            allow_change=allow_change,
-        )
-        if latent_run is None:
+        result = pipeline.train_latent(
+            config, workdir, images_, labels, train_prompts, prompt_class, log=log,
+            preemption=preemption, start_over=start_over, allow_change=allow_change,
+        )  # fmt: skip
+        if result is None:
             return None
-        metrics_path = os.path.join(workdir, "latent_metrics.json")
-        if latent_run.result.status == "already_complete" and os.path.exists(metrics_path):
+        if result.status == "already_complete" and os.path.exists(metrics_path):
             log(f"already finished: samples and metrics in {workdir}")  # written last
             with open(metrics_path) as f:
                 return json.load(f)
         t_train = time.time() - t0
-        stop = preemption.reached
-        samples = prompts.sample_prompt_images(config, latent_run, all_prompts, should_stop=stop)
+        loaded = runs.load_run(workdir)
+        n, stop = config.latent.samples_per_prompt, preemption.reached
+        samples = prompts.sample_prompts(loaded, heldout, n, config.seed, should_stop=stop)
         if samples is None:
             log("preempted (SIGTERM) while sampling: nothing written; run the same command again")
             return None
-    prompts.write_prompt_outputs(workdir, all_prompts, samples, prompt_class)
+    all_prompts = train_prompts + heldout
+    prompts.write_prompt_outputs(workdir, all_prompts, samples)
     t_sample = time.time() - t0 - t_train
     log(f"wrote {len(all_prompts)} prompt grids and samples.npz ({len(train_prompts)} prompts)")
-    metrics = evaluate(config, latent_run, samples, np.concatenate([prompt_class, heldout_class]))
+    classes = np.concatenate([prompt_class, heldout_class])
+    metrics = evaluate(config, loaded, samples.by_prompt, classes)
     metrics.update(
         prompts=all_prompts, train_s=t_train, sample_s=t_sample, total_s=time.time() - t0
     )
@@ -157,21 +154,21 @@ def run(
     return metrics
 
 
-def evaluate(config, latent_run, samples: np.ndarray, classes: np.ndarray) -> dict:
+def evaluate(config, loaded: runs.LoadedRun, samples: np.ndarray, classes: np.ndarray) -> dict:
     """The autoencoder's held-out error and the class accuracy of the samples of each prompt.
 
     Args:
       config: the run's config.
-      latent_run: the trained run (``pipeline.LatentRun``).
+      loaded: the trained run (``runs.load_run``).
       samples: uint8 ``[P', n, H, W, C]``, the samples of the training prompts then of the
         held-out phrasings.
       classes: ``[P']`` the class each prompt names.
     """
-    size, num_train = config.latent.image_size, latent_run.model.num_prompts
+    size, num_train = config.latent.image_size, loaded.model.num_prompts
     # Held-out reconstruction error of the frozen autoencoder (images in [0, 1]).
     test_images, test_labels = data.digits_arrays("test")
     x = images.resize(test_images, (size, size)).astype(np.float32) / 127.5 - 1.0
-    vae, vae_params = latent_run.vae, latent_run.vae_params
+    vae, vae_params = frozen_vae.load_vae(config, loaded.path, loaded.output_shape)
     encode = lambda v: vae.apply(vae_params, v, method=AutoencoderKL.encode)[0]
     recon = jax.jit(lambda v: vae.apply(vae_params, encode(v), method=AutoencoderKL.decode))(x)
     mae = float(jnp.mean(jnp.abs(jnp.clip(recon, -1, 1) - x))) / 2.0
@@ -180,11 +177,12 @@ def evaluate(config, latent_run, samples: np.ndarray, classes: np.ndarray) -> di
     n = samples.shape[1]
     small = images.resize(samples.reshape(-1, size, size, samples.shape[-1]), (8, 8))
     correct = classifier.predict(small).reshape(len(classes), n) == classes[:, None]
+    info = read_json(os.path.join(loaded.path, pipeline.LATENT_FILE))
     return {
         "vae_heldout_mae_01": mae,
-        "scale_factor": latent_run.scale_factor,
-        "train_steps": latent_run.result.step,
-        "guidance_scale": float(config.sample.guidance_scale),
+        "scale_factor": info["scale_factor"],
+        "train_steps": loaded.step,
+        "guidance_scale": float(loaded.sample_settings.guidance_scale),
         "samples_per_prompt": n,
         "class_accuracy_train_prompts": float(correct[:num_train].mean()),
         "class_accuracy_heldout_phrasings": float(correct[num_train:].mean()),

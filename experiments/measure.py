@@ -335,15 +335,15 @@ def bench_sampling(args) -> list[dict]:
         params = s.dp.replicate_host(random_params(s.abstract.params))
         params_m = sum(p.size for p in jax.tree.leaves(s.abstract.params)) / 1e6
         batch = -(-args.sample_batch // s.dp.num_devices) * s.dp.num_devices
-        settings = dict(builders.sample_settings(s.config), num_steps=args.num_steps)
-        settings["batch_size"] = batch
+        settings = builders.sample_settings(s.config)
+        settings = settings.replace(num_steps=args.num_steps, batch_size=batch)
+        prediction = s.config.diffusion.prediction
         for method in args.methods:
-            gen = Generator(
-                s.model, s.schedule, s.dp, s.image_shape, **dict(settings, method=method)
-            )
+            m = settings.replace(method=method)
+            gen = Generator(s.model, s.schedule, s.dp, s.image_shape, m, prediction=prediction)
             runs = {
                 "scan": lambda g=gen, p=params, n=batch: g(p, jax.random.key(0), n),
-                "loop": _loop_run(s, params, method, batch, args.num_steps, settings["clip_x0"]),
+                "loop": _loop_run(s, params, method, batch, args.num_steps, settings.clip_x0),
             }
             nfe, by_mode = samplers.num_model_evals(method, args.num_steps), {}
             forward_gflop = flops.unet_forward_flops(s.config.model, s.image_shape, batch) / 1e9

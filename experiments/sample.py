@@ -6,17 +6,19 @@
 
 ``--workdir RUN`` samples the EMA parameters of a training run's newest checkpoint (pixel or
 latent); ``--pretrained DIR`` a diffusers DDPM folder (``ddpm_jax.weights.load_diffusers_pipeline``:
-the flat ``google/ddpm-*`` layout or a ``model_index.json`` pipeline). ``--method``,
-``--num_steps``, ``--eta`` and ``--guidance_scale`` default to the run's ``sample.*`` config (DDIM,
-50 steps for published weights). A class-conditional model cycles through ``--labels`` (default:
+the flat ``google/ddpm-*`` layout or a ``model_index.json`` pipeline). The sampling flags, one per
+field of ``ddpm_jax.sample_settings.SampleSettings`` (``--method``, ``--num_steps``, ``--eta``,
+``--guidance_scale``, ``--batch_size``, ...), default to the run's ``sample.*`` config (DDIM, 50
+steps for published weights). A class-conditional model cycles through ``--labels`` (default:
 every class); a latent run samples ``--prompt`` (any text) or cycles through its prompts.
 
 Samples are drawn in rounds sharded over every device, with a progress line. Sample ``i`` uses
 the key ``fold_in(fold_in(key(seed), FINAL_TAG), i)`` alone: with a run's own settings and seed
-this reproduces its ``samples.npz``, on any number of devices. Writes ``OUT/samples.npz``
-(``images`` uint8 [N, H, W, C], ``labels`` int32 [N]) and ``OUT/samples.png`` (default ``OUT``:
-``RUN/sampled/<method>_<steps>_g<scale>_seed<seed>``, or ``./sampled/<DIR name>/...``). A user's
-mistake is one line on stderr with exit code 2.
+this reproduces its ``samples.npz``, on any number of devices (a latent run's too, with
+``--num_samples`` = its prompts times ``latent.samples_per_prompt``). Writes ``OUT/samples.npz``
+(``images`` uint8 [N, H, W, C], ``labels`` int32 [N], the class each sample shows or -1) and
+``OUT/samples.png`` (default ``OUT``: ``RUN/sampled/<method>_<steps>_g<scale>_seed<seed>``, or
+``./sampled/<DIR name>/...``). A user's mistake is one line on stderr with exit code 2.
 """
 
 from __future__ import annotations
@@ -37,14 +39,10 @@ def _define_flags() -> flags.FlagValues:
     flags.DEFINE_string("workdir", None, "A training run's work directory.", **f)
     flags.DEFINE_string("pretrained", None, "A diffusers DDPM folder.", **f)
     flags.DEFINE_integer("num_samples", 64, "Samples to draw.", **f)
-    flags.DEFINE_string("method", None, "Sampler (default: the run's sample.method).", **f)
-    flags.DEFINE_integer("num_steps", None, "Sampling steps (default: sample.num_steps).", **f)
-    flags.DEFINE_float("eta", None, "DDIM eta (default: sample.eta).", **f)
-    flags.DEFINE_float("guidance_scale", None, "CFG scale (default: sample.guidance_scale).", **f)
+    cli.define_sample_flags(fv)  # --method, --num_steps, --eta, --guidance_scale, ...
     flags.DEFINE_list("labels", None, "Class labels to cycle through (class-conditional).", **f)
     flags.DEFINE_string("prompt", None, "A text prompt (latent runs).", **f)
     flags.DEFINE_integer("seed", None, "Sampling seed (default: the run's seed, or 0).", **f)
-    flags.DEFINE_integer("batch_size", None, "Samples per round (default: sample.batch_size).", **f)
     flags.DEFINE_string("out", None, "Output directory.", **f)
     return fv
 
@@ -89,26 +87,18 @@ def _main(fv: flags.FlagValues) -> str:
     from ddpm_jax.workdir import FINAL_TAG, is_writer, log, run_key, save_npz
 
     run = load(fv.workdir, fv.pretrained)
-    overrides = dict(method=fv.method, num_steps=fv.num_steps, eta=fv.eta)
-    overrides.update(guidance_scale=fv.guidance_scale, batch_size=fv.batch_size)
-    settings = {**run.sample_defaults, **{k: v for k, v in overrides.items() if v is not None}}
-    T = run.schedule.num_timesteps
-    if not 2 <= settings["num_steps"] <= T:
-        raise UsageError(f"--num_steps={settings['num_steps']} must be in [2, {T}]")
-    generator = run.generator(**{k: v for k, v in settings.items() if k in overrides})
+    settings = cli.sample_settings(fv, run.sample_settings, run.schedule.num_timesteps)
+    generator = run.generator(settings)
     cond = _conditioning(run, fv)
     seed = fv.seed if fv.seed is not None else (run.config.seed if run.config else 0)
-    name = f"{settings['method']}_{settings['num_steps']}_g{settings['guidance_scale']:g}"
     base = run.path if fv.workdir else os.path.join("sampled", os.path.basename(run.path))
-    out = os.path.abspath(fv.out or os.path.join(base, "sampled", f"{name}_seed{seed}"))
-    label = (
-        f"sampling {fv.num_samples} images ({settings['method']}, {settings['num_steps']} steps)"
-    )
+    out = os.path.abspath(fv.out or os.path.join(base, "sampled", f"{settings.name()}_seed{seed}"))
+    label = f"sampling {fv.num_samples} images ({settings.method}, {settings.num_steps} steps)"
     progress = ProgressLine(label, fv.num_samples)
     key = run_key(seed, FINAL_TAG)
     imgs, labels = generator(run.ema_params, key, fv.num_samples, progress=progress, **cond)
-    if is_writer():
-        save_npz(os.path.join(out, "samples.npz"), images=imgs, labels=labels)
+    if is_writer():  # labels: the class each sample shows (a latent run's prompts name one)
+        save_npz(os.path.join(out, "samples.npz"), images=imgs, labels=run.classes_of(labels))
         cols = int(np.ceil(np.sqrt(len(imgs))))
         images.save_png_grid(os.path.join(out, "samples.png"), imgs, cols)
         log(f"wrote {out}/samples.npz and samples.png ({jax.device_count()} devices)")

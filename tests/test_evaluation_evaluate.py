@@ -1,4 +1,4 @@
-"""Tests of ddpm_jax.evaluation.evaluate and experiments/evaluate.py (8 CPU devices).
+"""Tests of ddpm_jax.evaluation.evaluate / .sweep and experiments/evaluate.py (8 CPU devices).
 
 Three tiny runs are trained in-process: a class-conditional digits run (2 steps), a CIFAR-10 run
 on ``tfds.testing.mock_data`` (1 step, 8x8 images) and a latent digits run (16x16 images through a
@@ -25,7 +25,8 @@ from ddpm_jax import config as config_lib
 from ddpm_jax.errors import UsageError
 from ddpm_jax.evaluation import digits_classifier as digits_lib
 from ddpm_jax.evaluation import evaluate as ev
-from ddpm_jax.evaluation import reference, report
+from ddpm_jax.evaluation import reference, report, sweep
+from ddpm_jax.sample_settings import SampleSettings
 from experiments import evaluate as cli
 
 T = 20
@@ -83,13 +84,17 @@ def default_digits_extractor(classifier, monkeypatch):
 @pytest.fixture(scope="module")
 def run_evaluator(loaded, classifier, tmp_path_factory):
     """One RunEvaluator for the module's tests: each sampling setting compiles once."""
-    return ev.RunEvaluator(
+    return sweep.RunEvaluator(
         loaded,
         cache_dir=str(tmp_path_factory.mktemp("cache")),
         extractor=reference.digits_extractor(classifier),
         kid_num_subsets=5,
         verbose=False,
     )
+
+
+def loaded_settings(run_evaluator, **changes):
+    return run_evaluator.run.sample_settings.replace(**changes)
 
 
 def test_load_run(loaded):
@@ -119,8 +124,8 @@ def test_evaluator_needs_no_run(classifier, tmp_path):
 
 
 def test_evaluate_report_and_grid(run_evaluator, classifier, tmp_path):
-    kw = dict(method="ddim", num_steps=4, guidance_scale=2.0, num_samples=24, seed=3)
-    result, imgs = run_evaluator.evaluate(**kw)
+    settings = loaded_settings(run_evaluator, method="ddim", num_steps=4, guidance_scale=2.0)
+    result, imgs = run_evaluator.evaluate(settings, 24, seed=3)
     assert imgs.shape == (24, 8, 8, 1) and imgs.dtype == np.uint8
     assert set(result["metrics"]) == {"fid", "kid_mean", "kid_std", "accuracy"}
     for key in ("method", "num_steps", "guidance_scale", "num_samples", "timing", "reference"):
@@ -131,7 +136,7 @@ def test_evaluate_report_and_grid(run_evaluator, classifier, tmp_path):
         float(np.mean(classifier.predict(imgs) == labels))
     )
     # Same seed, same images; the metrics equal digits_metrics' FID of these images.
-    imgs2, labels2, _ = run_evaluator.sample(**kw)
+    imgs2, labels2, _ = run_evaluator.sample(settings, 24, seed=3)
     np.testing.assert_array_equal(imgs, imgs2)
     np.testing.assert_array_equal(labels2, labels)
     ref = digits_lib.digits_metrics(classifier, imgs, labels, kid_num_subsets=2)
@@ -155,13 +160,12 @@ def test_floor_matches_digits_metrics(run_evaluator, classifier):
 
 
 def test_sweep(run_evaluator, tmp_path, capsys):
-    result = ev.sweep(
+    settings = loaded_settings(run_evaluator, method="ddim", num_steps=4, guidance_scale=2.0)
+    result = sweep.sweep(
         run_evaluator,
+        settings,
         steps={"ddim": [4], "dpmpp_2m": [3]},
         guidance_scales=[0.0, 2.0],
-        guidance_scale=2.0,
-        method="ddim",
-        num_steps=4,
         num_samples=16,
         num_samples_for=lambda m, n: 8 if m == "dpmpp_2m" else 16,
     )
@@ -175,9 +179,7 @@ def test_sweep(run_evaluator, tmp_path, capsys):
     assert (result["num_timesteps"], result["checkpoint_step"]) == (T, 2)
     # The same setting in both sweeps, and evaluated directly, gives the same metrics.
     assert result["steps"][0]["metrics"] == result["guidance"][1]["metrics"]
-    direct, _ = run_evaluator.evaluate(
-        method="ddim", num_steps=4, guidance_scale=2.0, num_samples=16
-    )
+    direct, _ = run_evaluator.evaluate(settings, 16)
     assert result["guidance"][1]["metrics"] == direct["metrics"]
     paths = report.write_sweep(result, str(tmp_path / "sweep"))
     with open(paths["json"]) as f:
@@ -185,25 +187,30 @@ def test_sweep(run_evaluator, tmp_path, capsys):
 
 
 def test_parse_steps_spec():
-    assert ev.parse_steps_spec("ddpm:full; ddim:10,20", 1000) == {"ddpm": [1000], "ddim": [10, 20]}
+    spec = sweep.parse_steps_spec("ddpm:full; ddim:10,20", 1000)
+    assert spec == {"ddpm": [1000], "ddim": [10, 20]}
     for bad in ("", "euler:10", "ddim:", "ddim:ten"):
         with pytest.raises(ValueError, match="sweep_steps"):
-            ev.parse_steps_spec(bad, 1000)
+            sweep.parse_steps_spec(bad, 1000)
 
 
-def test_check_sampling_names_the_argument():
-    ok = dict(method="ddim", num_steps=4, guidance_scale=1.0, num_samples=2, eta=0.0)
-    ev.check_sampling(T, **ok)
+def test_sample_settings_check_names_the_field():
+    ok = SampleSettings(method="ddim", num_steps=4)
+    assert ok.check(T) is ok and ok.replace(num_steps=T + 1).check(None)
     for field, value in (
         ("method", "euler"),
         ("num_steps", 1),
         ("num_steps", T + 1),
+        ("num_steps", 2.5),
         ("guidance_scale", -1.0),
-        ("num_samples", 1),
         ("eta", -0.5),
+        ("clip_x0", 0.0),
+        ("variance", "learned"),
+        ("spacing", "cubic"),
+        ("batch_size", 0),
     ):
-        with pytest.raises(UsageError, match=f"{field}="):
-            ev.check_sampling(T, **{**ok, field: value})
+        with pytest.raises(UsageError, match=f"^--{field}="):
+            ok.replace(**{field: value}).check(T, prefix="--")
 
 
 # ----------------------------------------------------------------------------- the command line

@@ -7,6 +7,8 @@ import functools
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +23,7 @@ from ddpm_jax.models.autoencoder import AutoencoderKL
 from ddpm_jax.models.text import PAD_ID, PromptUNet, TextEncoder, Tokenizer, prompt_table
 from ddpm_jax.models.unet import UNet
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a handwritten zero", "the digit 0", "a handwritten one", "the digit 1"]
 PROMPT_CLASS = np.array([0, 0, 1, 1], np.int32)
 
@@ -155,10 +158,8 @@ def test_frozen_vae_receives_no_updates(vae_setup, model_setup):
         ),
         schedules.get("cosine", 100),
         optimizer,
-        seed=0,
-        global_batch_size=len(latents),
-        axis_name="data",
-        p_uncond=0.25,
+        state_lib.StepSettings(seed=0, global_batch_size=len(latents), p_uncond=0.25),
+        map_grads=state_lib.pmean_grads("data"),
         null_label=model.null_label,
     )
     step = jax.jit(jax.vmap(step_fn, axis_name="data"))
@@ -185,28 +186,6 @@ def test_frozen_vae_receives_no_updates(vae_setup, model_setup):
     loss = lambda p: jnp.sum(frozen_vae.make_decode_fn(vae, p, scale)(latents[:2]))
     g = jax.jit(jax.grad(loss))(vae_params)
     assert all(float(jnp.abs(a).max()) == 0.0 for a in jax.tree.leaves(g))
-
-
-def test_sample_from_tokens_decodes_to_images(vae_setup, model_setup):
-    vae, vae_params, x, _ = vae_setup
-    tok, model, variables = model_setup
-    decode = frozen_vae.make_decode_fn(vae, vae_params, 1.5)
-    tokens = tok.encode(["the digit 1", "a handwritten seven"])[0]  # "seven" is unknown
-    imgs = jax.jit(
-        lambda v, tk: prompts.sample_from_tokens(
-            model,
-            v,
-            schedules.get("cosine", 100),
-            jax.random.key(0),
-            tk,
-            (8, 8, 4),
-            decode_fn=decode,
-            guidance_scale=2.0,
-            num_steps=3,
-        )
-    )(variables, tokens)
-    assert imgs.shape == (2, 32, 32, 1)
-    assert float(jnp.abs(imgs).max()) <= 1.0 and bool(jnp.isfinite(imgs).all())
 
 
 @pytest.mark.parametrize("delta", [0.0, 0.05])
@@ -322,7 +301,7 @@ def test_latent_digits_end_to_end(latent_run):
     assert (workdir / "vae.msgpack").exists()
     with np.load(workdir / "samples.npz") as f:
         assert f["images"].shape == (2 * len(train_prompts), 16, 16, 1)
-        np.testing.assert_array_equal(f["labels"], np.repeat(prompt_class, 2))
+        np.testing.assert_array_equal(f["labels"], np.tile(prompt_class, 2))  # prompt i % P
     heldout, _ = prompts.class_prompts(latent_digits.HELDOUT_TEMPLATES, latent_digits.NAMES)
     assert len(list((workdir / "prompts").iterdir())) == len(train_prompts) + len(heldout)
     saved = json.loads((workdir / "latent_metrics.json").read_text())
@@ -345,10 +324,35 @@ def test_latent_run_resumes_with_the_trained_vae_and_loads_for_sampling(latent_r
 
     run = runs.load_run(workdir)  # from config.json, latent.json and vae.msgpack alone
     assert run.step == 4 and run.image_shape == (8, 8, 4) and run.decode_fn is not None
-    imgs, labels = run.generator(num_steps=3, batch_size=8)(run.ema_params, jax.random.key(0), 4)
+    settings = run.sample_settings.replace(num_steps=3, batch_size=8)
+    imgs, labels = run.generator(settings)(run.ema_params, jax.random.key(0), 4)
     assert imgs.shape == (4, 16, 16, 1) and imgs.dtype == np.uint8
     info = json.loads((workdir / "latent.json").read_text())
     np.testing.assert_array_equal(run.classes_of(labels), np.asarray(info["prompt_classes"])[:4])
+
+
+@pytest.mark.parametrize("devices", [1, 3])
+def test_experiments_sample_reproduces_a_latent_runs_samples(
+    latent_run, cache_dir, devices, tmp_path
+):
+    """``experiments.sample --workdir=<latent run>`` with the run's settings draws its
+    ``samples.npz`` again, bit for bit, on 1 and on 3 devices (the run sampled on 8)."""
+    import _worker_runs as wr
+
+    workdir, _ = latent_run
+    with np.load(workdir / "samples.npz") as f:
+        want, want_labels = f["images"], f["labels"]
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "experiments.sample", f"--workdir={workdir}"]
+    cmd += [f"--num_samples={len(want)}", f"--out={out}"]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=wr.env(cache_dir, devices), capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"({devices} devices)" in proc.stdout
+    with np.load(out / "samples.npz") as f:
+        np.testing.assert_array_equal(f["images"], want)
+        np.testing.assert_array_equal(f["labels"], want_labels)
 
 
 def test_sigterm_in_each_phase_writes_nothing_final_and_the_rerun_equals_an_uninterrupted_run(
@@ -381,16 +385,16 @@ def test_sigterm_in_each_phase_writes_nothing_final_and_the_rerun_equals_an_unin
 
     with monkeypatch.context() as patch:  # 2: the diffusion phase, after its step 2
         hook = lambda step: sigterm() if step == 2 else None
-        patch.setattr(train, "run", functools.partial(train.run, step_callback=hook))
+        patch.setattr(train, "train", functools.partial(train.train, step_callback=hook))
         assert latent_digits.main(_tiny_latent_flags(workdir)) is None
     out = capsys.readouterr().out
     assert "resuming the autoencoder's training from step 5" in out
     assert "saved the checkpoint of step 2" in out and not (workdir / "samples.npz").exists()
 
     with monkeypatch.context() as patch:  # 3: while sampling the prompts
-        original_sampling = prompts.sample_prompt_images
+        original_sampling = prompts.sample_prompts
         interrupted = lambda *a, **k: sigterm() or original_sampling(*a, **k)
-        patch.setattr(prompts, "sample_prompt_images", interrupted)
+        patch.setattr(prompts, "sample_prompts", interrupted)
         assert latent_digits.main(_tiny_latent_flags(workdir)) is None
     assert "preempted (SIGTERM) while sampling" in capsys.readouterr().out
     assert not (workdir / "samples.npz").exists()

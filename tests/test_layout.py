@@ -99,3 +99,24 @@ def test_no_import_cycles():
 def test_modules_stay_small(package):
     sizes = {m: sum(1 for _ in open(p)) for m, p in _modules(package).items()}
     assert {m: n for m, n in sizes.items() if n > MAX_LINES} == {}
+
+
+def test_training_imports_neither_runs_nor_latent_nor_weights():
+    """The run loop sits below the loading of runs: ``import ddpm_jax.train`` loads none of
+    ``ddpm_jax.runs``, ``ddpm_jax.latent`` or ``ddpm_jax.weights`` (run-level evaluation is
+    ``evaluation.sweep``, imported by ``experiments.evaluate`` alone)."""
+    import subprocess
+
+    code = (
+        "import ddpm_jax.train, sys; "
+        "print(sorted(m for m in sys.modules if m.startswith('ddpm_jax')))"
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True
+    ).stdout
+    loaded = ast.literal_eval(out.strip().splitlines()[-1])
+    assert "ddpm_jax.train" in loaded
+    unwanted = ("ddpm_jax.runs", "ddpm_jax.latent", "ddpm_jax.weights")
+    assert [m for m in loaded if m.startswith(unwanted)] == []
+    assert "ddpm_jax.evaluation.sweep" not in loaded

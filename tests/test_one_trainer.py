@@ -15,7 +15,7 @@ import pytest
 
 from ddpm_jax import cli
 from ddpm_jax.errors import UsageError
-from ddpm_jax.train import records_of_checkpoints
+from ddpm_jax.run_start import records_of_checkpoints
 from ddpm_jax.workdir import LOCK_FILE, trainer_lock
 
 _HOLD = """

@@ -41,9 +41,8 @@ STEP_FN = st.make_train_step(
     _apply_fn,
     SCHEDULE,
     OPT,
-    seed=0,
-    global_batch_size=B,
-    axis_name=parallel.AXIS,
+    st.StepSettings(seed=0, global_batch_size=B),
+    map_grads=st.pmean_grads(parallel.AXIS),
     lr_schedule=st.learning_rate_schedule(1e-2, 2),
 )
 

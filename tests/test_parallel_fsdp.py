@@ -1,10 +1,11 @@
 """Tests of ddpm_jax.parallel.fsdp on 8 simulated CPU devices: the sharding rule, the 2-D mesh and
 batch layout, sharded initialisation, and the global-view step against the per-device step.
 
-The global-view step (``state.make_global_train_step``, under FSDP) and the per-device step
-(``state.make_train_step``, under shard_map) are built from the same pieces; the drift test runs
-both with dropout and label dropout on, so that the per-example keys, the per-device dropout keys
-and the gradient mean must all agree. The gradient sums in another order: float32 rounding only.
+The one training step (``state.make_train_step``) runs on the global view under FSDP (its
+gradients reduced by ``FullyShardedDataParallel.map_grads``) and per device under shard_map
+(``DataParallel.map_grads``); the drift test runs both with dropout and label dropout on, so that
+the per-example keys, the per-device dropout keys and the gradient mean must all agree. The
+gradient sums in another order: float32 rounding only.
 """
 
 import flax.linen as nn
@@ -40,11 +41,9 @@ class TinyConditionalDenoiser(nn.Module):
 MODEL = TinyConditionalDenoiser()
 SCHEDULE = schedules.linear(T, beta_start=1e-3, beta_end=0.2)
 OPT = st.make_optimizer(lr=1e-2, warmup_steps=2)
-STEP_ARGS = dict(
-    seed=0,
-    global_batch_size=B,
+ARGS = dict(
+    settings=st.StepSettings(seed=0, global_batch_size=B, p_uncond=0.3),
     lr_schedule=st.learning_rate_schedule(1e-2, 2),
-    p_uncond=0.3,
     null_label=CLASSES,
 )
 
@@ -143,12 +142,11 @@ def test_global_view_step_equals_the_per_device_step():
     """shard_map on 8 devices (per-device step) = fsdp on a 2 x 4 mesh (global-view step), with
     dropout and label dropout on: the per-example keys, the per-device dropout keys and the
     gradient mean all agree."""
-    per_device = st.make_train_step(_apply_fn, SCHEDULE, OPT, axis_name=parallel.AXIS, **STEP_ARGS)
+    shard_map = parallel.DataParallel("shard_map")
+    per_device = st.make_train_step(_apply_fn, SCHEDULE, OPT, map_grads=shard_map.map_grads, **ARGS)
     fsdp = FullyShardedDataParallel(4, min_size=64)
-    global_view = st.make_global_train_step(
-        _apply_fn, SCHEDULE, OPT, **fsdp.global_step_options(), **STEP_ARGS
-    )
-    losses, state = _train(parallel.DataParallel("shard_map"), per_device)
+    global_view = st.make_train_step(_apply_fn, SCHEDULE, OPT, map_grads=fsdp.map_grads, **ARGS)
+    losses, state = _train(shard_map, per_device)
     losses_f, state_f = _train(fsdp, global_view)
 
     np.testing.assert_allclose(losses_f, losses, rtol=1e-5)

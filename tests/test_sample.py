@@ -65,7 +65,9 @@ def test_labels_choose_the_classes(run_dir, tmp_path, capsys):
         ([], "exactly one of --workdir"),
         (["--labels=11"], "--labels must lie in [0, 10]"),
         (["--prompt=a seven"], "--prompt needs a latent run"),
-        (["--num_steps=1"], "--num_steps=1 must be in [2, 100]"),
+        (["--num_steps=1"], "--num_steps=1 is invalid: expected an integer >= 2"),
+        (["--num_steps=101"], "--num_steps=101 is invalid: must be <= the number of timesteps"),
+        (["--method=euler"], "--method='euler' is invalid"),
         (["--num_samples=0"], "--num_samples=0 must be >= 1"),
     ],
 )

@@ -116,14 +116,15 @@ def test_train_step_equals_direct_global_batch_computation():
     x0 = jnp.asarray(rng.uniform(-1, 1, (B, 4, 4, 1)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, NUM_CLASSES, B), jnp.int32)
     index = jnp.arange(B, dtype=jnp.int32)
-    kw = dict(seed=3, global_batch_size=B, axis_name="data", ema_decay=0.9, p_uncond=0.5)
+    settings = st.StepSettings(seed=3, global_batch_size=B, ema_decay=0.9, p_uncond=0.5)
     step_fn = st.make_train_step(
         _apply_fn,
         schedule,
         opt,
+        settings,
+        map_grads=st.pmean_grads("data"),
         lr_schedule=st.learning_rate_schedule(1e-2, 2),
         null_label=NUM_CLASSES,
-        **kw,
     )
     per_device = lambda a: a.reshape(D, B // D, *a.shape[1:])
     batch = {"image": per_device(x0), "label": per_device(labels), "index": per_device(index)}
@@ -165,8 +166,9 @@ def test_train_step_unconditional_ignores_labels():
     apply_fn = lambda p, x, t, rng=None, example_index=None: (
         p["w"] * x + p["b"][t][:, None, None, None]
     )
+    settings = st.StepSettings(seed=0, global_batch_size=4)
     step_fn = st.make_train_step(
-        apply_fn, schedule, opt, seed=0, global_batch_size=4, axis_name="data"
+        apply_fn, schedule, opt, settings, map_grads=st.pmean_grads("data")
     )
     batch = {
         "image": jnp.zeros((1, 4, 2, 2, 1)),

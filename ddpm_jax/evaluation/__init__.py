@@ -7,8 +7,11 @@
 - :mod:`ddpm_jax.evaluation.reference`: feature extractors (digits classifier, FID Inception),
   the real images of a dataset split, and their cached reference statistics.
 - :mod:`ddpm_jax.evaluation.evaluate`: ``Evaluator`` (scores images against a dataset's
-  reference statistics, no run needed), ``RunEvaluator`` (samples a loaded run and scores it) and
-  ``sweep`` (metrics against the number of steps and the guidance scale).
+  reference statistics, no run needed).
+- :mod:`ddpm_jax.evaluation.during_training`: the training loop's periodic FID / KID.
+- :mod:`ddpm_jax.evaluation.sweep`: ``RunEvaluator`` (samples a loaded run and scores it) and
+  ``sweep`` (metrics against the number of steps and the guidance scale); it loads runs
+  (``ddpm_jax.runs``), so only ``experiments.evaluate`` imports it.
 - :mod:`ddpm_jax.evaluation.report`: JSON reports, Markdown tables and matplotlib charts.
 
 The FID Inception network is :mod:`ddpm_jax.models.inception`, its weights

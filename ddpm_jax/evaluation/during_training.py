@@ -3,12 +3,12 @@
 The DDPM paper's own figure is FID against training steps; every diffusion codebase that trains for
 days tracks it. With ``config.eval.every = N`` the run loop calls :class:`PeriodicEvaluation`
 every N steps (and at the last step): ``eval.num_samples`` samples from the EMA parameters with
-``eval.method`` / ``eval.num_steps`` / ``eval.guidance_scale``, sharded over every device, always
-from the same noise (``fold_in(run_key(seed, EVAL_TAG), 0)``, the key of
-``experiments.evaluate``), scored against the training split's reference statistics, computed
-once and cached (``evaluation.evaluate.Evaluator``). Digits runs get the digits-FID / KID of the
-digits classifier's features and the class accuracy of class-conditional samples; other datasets
-the FID Inception's FID / KID / Inception Score (``eval.inception_path`` for offline machines).
+``eval.method`` / ``eval.num_steps`` / ``eval.guidance_scale`` (the rest of ``config.sample``),
+sharded over every device, always from the same noise (``fold_in(run_key(seed, EVAL_TAG), 0)``,
+the key of ``experiments.evaluate``), scored against the training split's reference statistics,
+computed once and cached (``evaluation.evaluate.Evaluator``). Digits runs get the digits-FID /
+KID of the digits classifier's features and the class accuracy of conditional samples; other
+datasets the FID Inception's FID / KID / Inception Score (``eval.inception_path`` offline).
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from collections.abc import Callable, Sequence
 
 import jax
 import ml_collections
+import numpy as np
 
+from ddpm_jax import builders
 from ddpm_jax.evaluation.evaluate import Evaluator
 from ddpm_jax.generate import Generator
 from ddpm_jax.workdir import EVAL_TAG, run_key
@@ -31,12 +33,14 @@ class PeriodicEvaluation:
     """Scores EMA samples of a run (``config.eval``); one call per evaluation step.
 
     Args:
-      config: the run's config (``eval``, ``data``, ``sample.batch_size``, ``seed``).
-      generator: the run's :class:`~ddpm_jax.generate.Generator` (its compiled sampler is reused
-        when ``eval.method`` / ``eval.num_steps`` equal ``sample.*``).
+      config: the run's config (``eval``, ``data``, ``seed``).
+      generator: the run's :class:`~ddpm_jax.generate.Generator`; evaluation samples with its
+        settings where ``eval`` sets none (``builders.sample_settings(config, "eval")``), and
+        reuses its compiled sampler when they are the same.
       output_shape: ``(H, W, C)`` of the generated images.
-      labels_are_classes: whether conditioning labels are the dataset's classes (class
-        accuracy); False for unconditional models and prompt-conditioned latent runs.
+      label_classes: ``[num_labels]`` int32, the dataset class each conditioning label stands
+        for (a latent run's prompts), or None when the labels are the dataset's classes (class
+        accuracy is scored when every sample has a class).
     """
 
     def __init__(
@@ -44,13 +48,12 @@ class PeriodicEvaluation:
         config: ml_collections.ConfigDict,
         generator: Generator,
         output_shape: Sequence[int],
-        labels_are_classes: bool,
+        label_classes: np.ndarray | None = None,
     ):
         e, d = config.eval, config.data
-        self.num_samples, self.guidance_scale = e.num_samples, e.guidance_scale
-        same = (generator.method, generator.num_steps) == (e.method, e.num_steps)
-        self.generator = generator if same else _with(generator, e.method, e.num_steps)
-        self.labels_are_classes = labels_are_classes
+        self.num_samples = e.num_samples
+        self.generator = generator.with_settings(builders.sample_settings(config, "eval"))
+        self.label_classes = label_classes
         self.key = jax.random.fold_in(run_key(config.seed, EVAL_TAG), 0)
         # Built now, before the training step compiles: a missing Inception file or dataset is
         # found at the start, not after eval.every steps (the statistics are cached on disk).
@@ -71,17 +74,12 @@ class PeriodicEvaluation:
         ``digits_fid`` / ``digits_kid_mean`` for the digits classifier's features; None when
         ``should_stop()`` (asked after each sampling round, e.g. a preemption notice) said so."""
         t0 = time.time()
-        out = self.generator(
-            ema_params,
-            self.key,
-            self.num_samples,
-            guidance_scale=self.guidance_scale,
-            should_stop=should_stop,
-        )
+        out = self.generator(ema_params, self.key, self.num_samples, should_stop=should_stop)
         if out is None:
             return None
-        imgs, labels = out
-        classes = labels if self.labels_are_classes else None
+        imgs, classes = out
+        if self.label_classes is not None:  # -1 (no label) stays -1
+            classes = np.where(classes >= 0, self.label_classes[np.maximum(classes, 0)], -1)
         scores = self.evaluator.score(imgs, classes)
         prefix = "eval/digits_" if self.evaluator.extractor.classes else "eval/"
         record = {"step": step}
@@ -100,25 +98,6 @@ def summary(record: dict) -> str:
         if k.startswith("eval/") and k != "eval/seconds" and not k.endswith("kid_mean")
     ]
     return " | ".join(parts) + f" ({record['eval/seconds']:.1f} s)"
-
-
-def _with(generator: Generator, method: str, num_steps: int) -> Generator:
-    """A generator like ``generator`` with another sampler."""
-    return Generator(
-        generator.model,
-        generator.schedule,
-        generator.dp,
-        generator.image_shape,
-        method=method,
-        num_steps=num_steps,
-        guidance_scale=generator.guidance_scale,
-        eta=generator.eta,
-        clip_x0=generator.clip_x0,
-        prediction=generator.prediction,
-        variance=generator.variance,
-        batch_size=generator.batch_size,
-        decode_fn=generator.decode_fn,
-    )
 
 
 __all__ = ["PeriodicEvaluation", "summary"]

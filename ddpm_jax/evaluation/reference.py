@@ -27,7 +27,6 @@ from ddpm_jax import data, images
 from ddpm_jax.errors import UsageError
 from ddpm_jax.evaluation import digits_classifier as digits_lib
 from ddpm_jax.evaluation import metrics
-from ddpm_jax.weights import fid_inception
 from ddpm_jax.workdir import is_writer, save_npz
 
 KID_REFERENCE_ROWS = 5000  # reference features kept in the cache for KID
@@ -108,6 +107,8 @@ def inception_extractor(path: str | None) -> Extractor:
     Raises:
       UsageError: ``path`` is not a file, or the weights cannot be read or downloaded.
     """
+    from ddpm_jax.weights import fid_inception  # the weights package only when Inception is used
+
     if path is not None and not os.path.isfile(path):
         raise UsageError(
             f"inception_path={path!r} is not a file; pass the pytorch-fid weights "

@@ -1,7 +1,7 @@
 """Evaluation outputs: JSON reports, Markdown tables and matplotlib charts (PNG).
 
 - :func:`write_report`: one evaluation's JSON report and a PNG grid of its samples;
-- :func:`write_sweep`: a sweep (:func:`ddpm_jax.evaluation.evaluate.sweep`) as ``sweep.json``,
+- :func:`write_sweep`: a sweep (:func:`ddpm_jax.evaluation.sweep.sweep`) as ``sweep.json``,
   ``sweep.md`` (:func:`sweep_markdown`), ``sweep_steps.png`` (FID against the number of steps,
   one line per method) and ``sweep_guidance.png`` (FID, and class accuracy or Inception Score,
   against the guidance scale), each with the test split's value as a dashed line;
@@ -250,7 +250,7 @@ def write_sweep(result: dict, out_dir: str) -> dict[str, str]:
     """Writes ``sweep.json``, ``sweep.md``, ``sweep_steps.png`` and ``sweep_guidance.png``.
 
     Args:
-      result: from :func:`ddpm_jax.evaluation.evaluate.sweep`.
+      result: from :func:`ddpm_jax.evaluation.sweep.sweep`.
       out_dir: the directory (created).
 
     Returns:
@@ -276,7 +276,7 @@ def write_report(report: dict, imgs: np.ndarray, out: str) -> tuple[str, str]:
     """Writes the JSON report at ``out`` and a PNG grid next to it (``.png``).
 
     Args:
-      report: from :meth:`ddpm_jax.evaluation.evaluate.RunEvaluator.evaluate`; the grid's path
+      report: from :meth:`ddpm_jax.evaluation.sweep.RunEvaluator.evaluate`; the grid's path
         is added as ``"grid"``.
       imgs: ``[N, H, W, C]`` uint8; the grid shows the first ``min(N, 100)`` rounded down to
         whole rows of ``min(10, N)``.

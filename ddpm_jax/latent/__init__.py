@@ -3,7 +3,8 @@
 - :mod:`~ddpm_jax.latent.vae_train`: training the KL autoencoder (reconstruction + KL loss);
 - :mod:`~ddpm_jax.latent.frozen_vae`: the run's frozen autoencoder (``vae.msgpack``), encoding
   images into scaled latents and decoding samples;
-- :mod:`~ddpm_jax.latent.prompts`: prompts of classes, sampling from prompts, per-prompt outputs;
+- :mod:`~ddpm_jax.latent.prompts`: prompts of classes, a loaded run's samples of its prompts and
+  of any other prompt (``runs.load_run`` + ``Generator``), per-prompt outputs;
 - :mod:`~ddpm_jax.latent.pipeline`: the run: frozen autoencoder → latents → the ordinary training
   loop on a prompt-conditioned UNet (``ddpm_jax.models.text.PromptUNet``).
 """

@@ -1,60 +1,30 @@
 """A latent-diffusion run: frozen autoencoder → scaled latents → prompt-conditioned training loop.
 
-:func:`train_latent` trains (or reloads) the autoencoder of ``config.latent``, freezes it, encodes
-the training images into scaled latents, pairs every image with every prompt that names its class
+:func:`train_latent` prepares the run once (``run_start.prepare``: config, work directory, trainer
+lock, resume), trains (or reloads) the autoencoder of ``config.latent``, freezes it, encodes the
+training images into scaled latents, pairs every image with every prompt that names its class
 and trains a :class:`~ddpm_jax.models.text.PromptUNet` on those pairs with the ordinary run loop
-(:func:`ddpm_jax.train.run`, with ``model=``, ``dataset=`` and ``decode_fn=``). It records
-``latent.json`` (scale factor, prompts, the class of each prompt, image and latent shapes), which
-``ddpm_jax.generate.load_run`` reads to sample the run later.
+(:func:`ddpm_jax.train.train`). It records ``latent.json`` (scale factor, prompts, the class of
+each prompt, image and latent shapes), from which ``ddpm_jax.runs.load_run`` loads the run to
+sample it (``ddpm_jax.latent.prompts.sample_prompts``, ``experiments.sample``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 
-from ddpm_jax import builders, data, images, resume, schedules, train
-from ddpm_jax import config as config_lib
+from ddpm_jax import builders, data, images, train
 from ddpm_jax.latent import frozen_vae
-from ddpm_jax.models.autoencoder import AutoencoderKL
-from ddpm_jax.models.text import PromptUNet, Tokenizer
+from ddpm_jax.models.text import Tokenizer
 from ddpm_jax.preemption import PreemptionGuard
-from ddpm_jax.workdir import check_workdir, is_writer, write_json
+from ddpm_jax.run_start import prepare, write_config
+from ddpm_jax.workdir import is_writer, write_json
 
 LATENT_FILE = "latent.json"
-
-
-@dataclasses.dataclass
-class LatentRun:
-    """What :func:`train_latent` returns: the pieces to sample and decode.
-
-    Attributes:
-      result: the run loop's ``RunResult`` (``result.ema_params`` are the model's EMA variables).
-      model: the :class:`~ddpm_jax.models.text.PromptUNet`.
-      tokenizer: the prompts' tokenizer.
-      vae, vae_params: the frozen autoencoder.
-      scale_factor: latent scale factor (1 / std of the training latents).
-      decode_fn: scaled latents → images in [-1, 1].
-      latent_shape: (h, w, c) of one latent.
-      schedule: the noise schedule.
-    """
-
-    result: train.RunResult
-    model: PromptUNet
-    tokenizer: Tokenizer
-    vae: AutoencoderKL
-    vae_params: Any
-    scale_factor: float
-    decode_fn: Callable[[jax.Array], jax.Array]
-    latent_shape: tuple[int, ...]
-    schedule: schedules.Schedule
 
 
 def train_latent(
@@ -69,7 +39,7 @@ def train_latent(
     preemption: PreemptionGuard | None = None,
     start_over: bool = False,
     allow_change: Sequence[str] = (),
-) -> LatentRun | None:
+) -> train.RunResult | None:
     """Latent diffusion end to end: frozen VAE → scaled latents → prompt-conditioned run loop.
 
     Every image is paired with every prompt naming its class (one dataset example per pair);
@@ -87,88 +57,67 @@ def train_latent(
       log: progress printer.
       preemption: the caller's active guard, to stop the autoencoder's training on SIGTERM (the
         diffusion phase has its own); None: that phase ignores preemption notices.
-      start_over / allow_change: see ``ddpm_jax.train.run``.
+      start_over / allow_change: see ``ddpm_jax.run_start.prepare``.
 
     Returns:
-      The :class:`LatentRun`, or None when a preemption notice stopped the training.
+      The run loop's ``RunResult``, or None when a preemption notice stopped the training.
 
     Raises:
       UsageError: an invalid config or work directory (before anything is compiled).
     """
-    config_lib.validate(config)
     c = config.latent
     prompt_class = np.asarray(prompt_class, np.int32)
     if len(prompts) != len(prompt_class):
         raise ValueError("prompts and prompt_class must have the same length")
-    tokenizer = Tokenizer.from_prompts(prompts, max_length=c.text_max_length)
-    model = builders.build_prompt_unet(config, tokenizer, prompts)
-    workdir = check_workdir(workdir)
-    resume.check_resume(config, workdir, allow_change)  # before anything is written
-    config_path = os.path.join(workdir, "config.json")
-    if is_writer() and not os.path.exists(config_path):  # a re-run of the VAE phase compares too
-        write_json(config_path, json.loads(config.to_json()))
-    if images_uint8.shape[1:3] != (c.image_size, c.image_size):
-        images_uint8 = images.resize(images_uint8, (c.image_size, c.image_size))
-    x = images_uint8.astype(np.float32) / 127.5 - 1.0
-    vae_and_params = frozen_vae.load_or_train_vae(config, workdir, x, log, preemption)
-    if vae_and_params is None:
-        return None
-    vae, vae_params = vae_and_params
-    latents, scale = frozen_vae.encode_latents(vae, vae_params, x)
-    log(f"latents {latents.shape[1:]} (scale factor 1/std = {scale:.4f})")
-    if is_writer():
-        info = dict(
-            scale_factor=scale,
-            prompts=list(prompts),
-            prompt_classes=prompt_class.tolist(),
-            image_shape=list(x.shape[1:]),
-            latent_shape=list(latents.shape[1:]),
+    with prepare(config, workdir, start_over=start_over, allow_change=allow_change) as start:
+        workdir = start.workdir
+        tokenizer = Tokenizer.from_prompts(prompts, max_length=c.text_max_length)
+        model = builders.build_prompt_unet(config, tokenizer, prompts)
+        if images_uint8.shape[1:3] != (c.image_size, c.image_size):
+            images_uint8 = images.resize(images_uint8, (c.image_size, c.image_size))
+        x = images_uint8.astype(np.float32) / 127.5 - 1.0
+        write_config(workdir, config, replace=False)  # a re-run of the VAE phase compares too
+        vae_and_params = frozen_vae.load_or_train_vae(config, workdir, x, log, preemption)
+        if vae_and_params is None:
+            return None
+        vae, vae_params = vae_and_params
+        latents, scale = frozen_vae.encode_latents(vae, vae_params, x)
+        log(f"latents {latents.shape[1:]} (scale factor 1/std = {scale:.4f})")
+        if is_writer():
+            info = dict(
+                scale_factor=scale,
+                prompts=list(prompts),
+                prompt_classes=prompt_class.tolist(),
+                image_shape=list(x.shape[1:]),
+                latent_shape=list(latents.shape[1:]),
+            )
+            write_json(os.path.join(workdir, LATENT_FILE), info)
+
+        # One example per (image, prompt naming its class).
+        by_class = {k: np.flatnonzero(prompt_class == k) for k in np.unique(prompt_class)}
+        rows, labels = [], []
+        for i, k in enumerate(np.asarray(classes)):
+            for p in by_class.get(int(k), ()):
+                rows.append(i)
+                labels.append(p)
+        if not rows:
+            raise ValueError("no image has a class that a prompt names")
+        dataset = data.array_dataset(
+            latents[np.asarray(rows)],
+            np.asarray(labels, np.int32),
+            num_classes=len(prompts),
+            global_batch_size=config.train.batch_size,
+            seed=config.seed,
+            name="latents",
         )
-        write_json(os.path.join(workdir, LATENT_FILE), info)
-
-    # One example per (image, prompt naming its class).
-    by_class = {k: np.flatnonzero(prompt_class == k) for k in np.unique(prompt_class)}
-    rows, labels = [], []
-    for i, k in enumerate(np.asarray(classes)):
-        for p in by_class.get(int(k), ()):
-            rows.append(i)
-            labels.append(p)
-    if not rows:
-        raise ValueError("no image has a class that a prompt names")
-    dataset = data.array_dataset(
-        latents[np.asarray(rows)],
-        np.asarray(labels, np.int32),
-        num_classes=len(prompts),
-        global_batch_size=config.train.batch_size,
-        seed=config.seed,
-        name="latents",
-    )
-    decode_fn = frozen_vae.make_decode_fn(vae, vae_params, scale)
-    if preemption is not None and preemption.reached():
-        log("preempted (SIGTERM) before the diffusion phase; run the same command again")
-        return None
-    result = train.run(
-        config,
-        workdir,
-        model=model,
-        dataset=dataset,
-        decode_fn=decode_fn,
-        start_over=start_over,
-        allow_change=allow_change,
-    )
-    if result.status == "preempted":
-        return None
-    return LatentRun(
-        result=result,
-        model=model,
-        tokenizer=tokenizer,
-        vae=vae,
-        vae_params=vae_params,
-        scale_factor=scale,
-        decode_fn=decode_fn,
-        latent_shape=tuple(latents.shape[1:]),
-        schedule=builders.build_schedule(config),
-    )
+        if preemption is not None and preemption.reached():
+            log("preempted (SIGTERM) before the diffusion phase; run the same command again")
+            return None
+        decode_fn = frozen_vae.make_decode_fn(vae, vae_params, scale)
+        result = train.train(
+            config, start, dataset, model, decode_fn=decode_fn, label_classes=prompt_class
+        )
+    return None if result.status == "preempted" else result
 
 
-__all__ = ["LATENT_FILE", "LatentRun", "train_latent"]
+__all__ = ["LATENT_FILE", "train_latent"]

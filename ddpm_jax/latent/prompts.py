@@ -1,23 +1,19 @@
-"""Prompts of a latent run: the prompts that name each class, sampling from any prompt, and the
-per-prompt outputs (a PNG grid per prompt and ``samples.npz``)."""
+"""Prompts of a latent run: the prompts that name each class, the samples of a trained run's prompts
+and of any other prompt (through ``runs.load_run`` and ``Generator``, like ``experiments.sample``),
+and a PNG grid per prompt."""
 
 from __future__ import annotations
 
 import os
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from ddpm_jax import guidance, samplers, schedules
 from ddpm_jax import images as images_lib
-from ddpm_jax.models.text import PAD_ID, PromptUNet
-from ddpm_jax.parallel import compiler_options
-from ddpm_jax.workdir import FINAL_TAG, is_writer, run_key, save_npz
+from ddpm_jax.runs import LoadedRun
+from ddpm_jax.workdir import FINAL_TAG, PROMPT_TAG, is_writer, run_key, save_npz
 
 
 def class_prompts(
@@ -44,131 +40,76 @@ def class_prompts(
     return prompts, np.asarray(classes, np.int32)
 
 
-def sample_from_tokens(
-    model: PromptUNet,
-    params: Any,
-    schedule: schedules.Schedule,
-    key: jax.Array,
-    tokens: np.ndarray,
-    latent_shape: Sequence[int],
-    *,
-    decode_fn: Callable[[jax.Array], jax.Array] | None = None,
-    guidance_scale: float = 1.0,
-    method: str = "ddim",
-    num_steps: int = 50,
-    prediction: str = "eps",
-    clip_x0: float | None = None,
-) -> jax.Array:
-    """Samples one latent per token row with classifier-free guidance against the empty prompt.
+class PromptSamples(NamedTuple):
+    """What :func:`sample_prompts` drew.
+
+    Attributes:
+      images: uint8 ``[P n, H, W, C]``, the samples of the run's P prompts, sample ``i`` of
+        prompt ``i % P`` (the order of ``Generator``'s labels, so ``experiments.sample`` draws
+        them again with ``--num_samples`` = P n): ``samples.npz``.
+      classes: int32 ``[P n]``, the class each sample's prompt names.
+      by_prompt: uint8 ``[P + Q, n, H, W, C]``, the same samples grouped by prompt, then ``n`` of
+        each of the Q other prompts.
+    """
+
+    images: np.ndarray
+    classes: np.ndarray
+    by_prompt: np.ndarray
+
+
+def sample_prompts(
+    run: LoadedRun,
+    other_prompts: Sequence[str],
+    samples_per_prompt: int,
+    seed: int,
+    should_stop: Callable[[], bool] | None = None,
+) -> PromptSamples | None:
+    """``samples_per_prompt`` decoded samples of each prompt of a latent run, then of other
+    prompts (any text: unknown words become UNK), with the run's sample settings and guidance
+    against the empty prompt, sharded over every device.
+
+    The run's own prompts are one ``Generator`` call of P n samples from
+    ``run_key(seed, FINAL_TAG)``; the other prompts one call from ``run_key(seed, PROMPT_TAG)``.
 
     Args:
-      model: the :class:`~ddpm_jax.models.text.PromptUNet`.
-      params: its (EMA) variables.
-      schedule: the noise schedule it was trained with.
-      key: PRNG key of the initial noise and the sampler.
-      tokens: [B, L] int32 prompts (``Tokenizer.encode``); unknown words are ``UNK_ID``.
-      latent_shape: (h, w, c) of one latent.
-      decode_fn: latents → images (``frozen_vae.make_decode_fn``); None returns latents.
-      guidance_scale / method / num_steps / prediction / clip_x0: see ``samplers.sample``.
-
-    Returns:
-      [B, ...] images in [-1, 1] (decoded) or latents.
+      run: a latent run from ``ddpm_jax.runs.load_run``.
+      other_prompts: Q prompts it was not trained on (held-out phrasings).
+      samples_per_prompt: n.
+      seed: the run's seed.
+      should_stop: asked after each sampling round on every process (e.g. a preemption guard's
+        ``reached``); when it says True, None is returned.
     """
-    tokens = jnp.asarray(tokens, jnp.int32)
-    shape = (tokens.shape[0], *latent_shape)
-    model_fn = lambda x, t, tokens: model.apply(params, x, t, tokens, method=PromptUNet.from_tokens)
-    null = jnp.full((tokens.shape[1],), PAD_ID, jnp.int32)
-    guided = guidance.classifier_free(model_fn, guidance_scale, null_cond={"tokens": null})
-    z = samplers.sample(
-        lambda x, t: guided(x, t, tokens=tokens),
-        schedule,
-        key,
-        shape,
-        method=method,
-        num_steps=num_steps,
-        prediction=prediction,
-        clip_x0=clip_x0,
+    n, num_prompts = samples_per_prompt, run.model.num_prompts
+    generator = run.generator()
+    out = generator(
+        run.ema_params, run_key(seed, FINAL_TAG), num_prompts * n, should_stop=should_stop
     )
-    return z if decode_fn is None else decode_fn(z)
-
-
-def sample_prompt_images(
-    config: ml_collections.ConfigDict,
-    run: Any,
-    prompts: Sequence[str],
-    should_stop: Callable[[], bool] | None = None,
-) -> np.ndarray | None:
-    """``config.latent.samples_per_prompt`` decoded samples of every prompt, with guidance.
-
-    Uses the EMA parameters of ``run`` (a ``ddpm_jax.latent.pipeline.LatentRun``),
-    ``config.sample``'s ``method, num_steps, guidance_scale, clip_x0, batch_size`` and
-    ``config.diffusion.prediction``; prompts may be any text (unknown words become UNK).
-    Deterministic in ``config.seed``.
-
-    Returns:
-      uint8 [len(prompts), samples_per_prompt, H, W, C]; None when ``should_stop()`` became
-      true (checked after each batch, e.g. a preemption notice).
-    """
-    s, n = config.sample, config.latent.samples_per_prompt
-    sample_fn = jax.jit(
-        lambda params, key, tokens, scale: sample_from_tokens(
-            run.model,
-            params,
-            run.schedule,
-            key,
-            tokens,
-            run.latent_shape,
-            decode_fn=run.decode_fn,
-            guidance_scale=scale,
-            method=s.method,
-            num_steps=s.num_steps,
-            prediction=config.diffusion.prediction,
-            clip_x0=s.clip_x0,
-        ),
-        compiler_options=compiler_options(),
-    )
-    tokens, _ = run.tokenizer.encode([p for p in prompts for _ in range(n)])
-    key = run_key(config.seed, FINAL_TAG)
-    batch = min(len(tokens), max(n, s.batch_size // n * n))
-    out = []
-    for i in range(0, len(tokens), batch):
-        chunk = tokens[i : i + batch]
-        pad = batch - len(chunk)
-        if pad:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
-        imgs = sample_fn(run.result.ema_params, jax.random.fold_in(key, i), chunk, s.guidance_scale)
-        out.append(np.asarray(images_lib.to_uint8(imgs))[: batch - pad])
-        if should_stop is not None and should_stop():
+    if out is None:
+        return None
+    imgs, labels = out
+    grouped = [imgs.reshape(n, num_prompts, *imgs.shape[1:]).swapaxes(0, 1)]
+    if other_prompts:
+        tokens, _ = run.tokenizer.encode([p for p in other_prompts for _ in range(n)])
+        key = run_key(seed, PROMPT_TAG)
+        out = generator(run.ema_params, key, len(tokens), tokens=tokens, should_stop=should_stop)
+        if out is None:
             return None
-    out = np.concatenate(out)
-    return out.reshape(len(prompts), n, *out.shape[1:])
+        grouped.append(out[0].reshape(len(other_prompts), n, *imgs.shape[1:]))
+    return PromptSamples(imgs, run.classes_of(labels), np.concatenate(grouped))
 
 
-def write_prompt_outputs(
-    workdir: str, prompts: Sequence[str], samples: np.ndarray, prompt_class: np.ndarray
-) -> str:
-    """Writes ``prompts/<prompt>.png`` grids for all ``prompts`` and ``samples.npz`` for the
-    first ``len(prompt_class)`` of them (``images`` [N, H, W, C] uint8, ``labels`` [N] int32 =
-    the class each sample's prompt names), from process 0. Returns the path of ``samples.npz``."""
+def write_prompt_outputs(workdir: str, prompts: Sequence[str], samples: PromptSamples) -> str:
+    """Writes ``samples.npz`` (``images``, ``labels`` = the classes) and a ``prompts/<prompt>.png``
+    grid of each prompt's samples (``prompts``: the run's, then the others), from process 0.
+    Returns the path of ``samples.npz``."""
     path = os.path.join(workdir, "samples.npz")
     if not is_writer():
         return path
-    n = samples.shape[1]
-    cols = int(np.ceil(np.sqrt(n)))
-    for p, imgs in zip(prompts, samples, strict=True):
+    cols = int(np.ceil(np.sqrt(samples.by_prompt.shape[1])))
+    for p, imgs in zip(prompts, samples.by_prompt, strict=True):
         slug = re.sub(r"[^a-z0-9]+", "_", p.lower()).strip("_")
         images_lib.save_png_grid(os.path.join(workdir, "prompts", f"{slug}.png"), imgs, cols)
-    k = len(prompt_class)
-    return save_npz(
-        path,
-        images=samples[:k].reshape(k * n, *samples.shape[2:]),
-        labels=np.repeat(np.asarray(prompt_class, np.int32), n),
-    )
+    return save_npz(path, images=samples.images, labels=samples.classes)
 
 
-__all__ = [
-    "class_prompts",
-    "sample_from_tokens",
-    "sample_prompt_images",
-    "write_prompt_outputs",
-]
+__all__ = ["PromptSamples", "class_prompts", "sample_prompts", "write_prompt_outputs"]

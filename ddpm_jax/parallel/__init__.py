@@ -12,7 +12,8 @@ Modules: :mod:`~ddpm_jax.parallel.layout` (the mesh axes, device order, compiler
 every layout shares), :mod:`~ddpm_jax.parallel.data_parallel` (``shard_map``, ``pmap``),
 :mod:`~ddpm_jax.parallel.fsdp` (``fsdp``: the 2-D mesh and the sharding rule). Every layout has
 ``state_shardings``, ``to_step`` / ``from_step``, ``gather``, ``shard_batch``, ``wrap`` and
-``metrics_to_host``; ``global_view`` says which step ``wrap`` takes (``ddpm_jax.state``).
+``metrics_to_host``, and ``map_grads``: how the one training step (``ddpm_jax.state``) reduces
+its gradients.
 """
 
 from __future__ import annotations

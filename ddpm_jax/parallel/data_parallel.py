@@ -115,13 +115,23 @@ class DataParallel(Layout):
 
     # ------------------------------------------------------------------ the step
 
+    def map_grads(self, grad_fn: Callable) -> Callable:
+        """The device's loss and gradient averaged over the mapped ``"data"`` axis
+        (``lax.pmean``): ``wrap`` maps the step over every device."""
+
+        def fn(params, step, batch):
+            loss, grads = grad_fn(params, step, batch)
+            return jax.lax.pmean(loss, AXIS), jax.lax.pmean(grads, AXIS)
+
+        return fn
+
     def wrap(
         self, step_fn: Callable[[PyTree, dict], tuple[PyTree, dict]], *, donate: bool = True
     ) -> Callable[[PyTree, dict], tuple[PyTree, dict]]:
         """Maps ``step_fn`` over all devices and scans it over the leading ``k`` batch axis.
 
         Args:
-          step_fn: the per-device step (uses ``lax.pmean(..., "data")``).
+          step_fn: the per-device step (reducing with :meth:`map_grads`).
           donate: donate the input state's buffers.
 
         Returns:

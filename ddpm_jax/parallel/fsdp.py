@@ -8,13 +8,12 @@ devices, as in data parallelism). The parameters, both Adam moments and the EMA 
 of them; with ``K < D`` there are ``D / K`` replicas of ``K`` shards, "hybrid" sharding that keeps
 the parameter gathers within groups of ``K`` devices).
 
-The step (``ddpm_jax.state.make_global_train_step``) is the per-device step's loss and gradient,
-mapped by :meth:`FullyShardedDataParallel.map_grads`: the parameters are all-gathered for the
-forward and backward pass, each device differentiates the loss of its own rows (with their
-per-example keys and dropout masks, as under shard_map), and the gradient is reduce-scattered
-into the parameters' layout. The update (clipping, Adam, EMA) then runs on the shards under
-``jax.jit``. A run's numbers do not depend on the layout beyond the float32 order of the
-gradient sum.
+The step (``ddpm_jax.state.make_train_step``) is the per-device loss and gradient, mapped by
+:meth:`FullyShardedDataParallel.map_grads`: the parameters are all-gathered for the forward and
+backward pass, each device differentiates the loss of its own rows (with their per-example keys
+and dropout masks, as under shard_map), and the gradient is reduce-scattered into the parameters'
+layout. The update (clipping, Adam, EMA) then runs on the shards under ``jax.jit``. A run's
+numbers do not depend on the layout beyond the float32 order of the gradient sum.
 Memory per device: the sharded state (``16 / K`` bytes per parameter) plus, during the step,
 the gathered parameters and the unreduced gradient (4 + 4 bytes per parameter, transient) and
 the activations of ``B / D`` rows.
@@ -135,10 +134,6 @@ class FullyShardedDataParallel(Layout):
             lambda x: jax.lax.with_sharding_constraint(x, self.sharding(x.shape)), tree
         )
 
-    def global_step_options(self) -> dict[str, Any]:
-        """The layout's arguments of ``state.make_global_train_step``: :meth:`map_grads`."""
-        return dict(map_grads=self.map_grads)
-
     def map_grads(self, grad_fn: Callable) -> Callable:
         """Runs a per-device gradient function on every device's rows with the parameters
         gathered, and reduce-scatters its gradient into the parameters' layout.
@@ -199,8 +194,8 @@ class FullyShardedDataParallel(Layout):
         scan's carry and the outputs); the metrics are replicated.
 
         Args:
-          step_fn: a global-view step (``ddpm_jax.state.make_global_train_step``): global arrays
-            in, no mapped axis.
+          step_fn: a global-view step (``ddpm_jax.state.make_train_step`` with
+            :meth:`map_grads`): global arrays in, no mapped axis.
           donate: donate the input state's buffers.
 
         Returns:

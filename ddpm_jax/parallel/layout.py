@@ -15,6 +15,7 @@ so process ``p`` of ``P`` owns rows ``[p B/P, (p+1) B/P)`` of every global batch
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -116,7 +117,7 @@ class Layout:
     """
 
     kind: str
-    global_view = False  # whether ``wrap`` takes a global-view step (else a per-device one)
+    global_view = False  # whether ``wrap`` runs the step on the global batch (else per device)
 
     def __init__(self, mesh: Mesh, batch_axes: str | tuple[str, ...]):
         self.mesh = mesh
@@ -164,6 +165,14 @@ class Layout:
         return jax.tree.map(
             lambda x: jax.make_array_from_process_local_data(self.replicated, np.asarray(x)), tree
         )
+
+    # ------------------------------------------------------------------ the step
+
+    def map_grads(self, grad_fn: Callable) -> Callable:
+        """How this layout reduces gradients: ``grad_fn(params, step, rows) -> (loss, grads)``
+        of one device's rows -> the loss and gradient averaged over the global batch, inside
+        the step :meth:`wrap` compiles (``ddpm_jax.state.make_train_step``'s ``map_grads``)."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ batches
 
