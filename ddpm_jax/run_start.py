@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -86,7 +85,7 @@ def prepare(
     workdir = check_workdir(workdir)
     with trainer_lock(workdir):
         changes = resume.check_resume(config, workdir, allow_change)
-        lost = check_not_lost(workdir, config.train.checkpoint_every, start_over)
+        lost = check_not_lost(workdir, config.train, start_over)
         history = resume.read_history(workdir)  # every process, before process 0 appends to it
         yield RunStart(workdir, changes, history, start_over=start_over, lost=lost)
 
@@ -152,7 +151,7 @@ def write_config(workdir: str, config: ml_collections.ConfigDict, *, replace: bo
         write_json(path, json.loads(config.to_json()))
 
 
-def check_not_lost(workdir: str, checkpoint_every: int, start_over: bool) -> bool:
+def check_not_lost(workdir: str, train_config: Any, start_over: bool) -> bool:
     """Refuses to start a run from step 0 over records of checkpoints that are gone (before
     anything in ``workdir`` is created); returns whether the run starts over such records
     (``start_over``: they are then moved aside by the run loop).
@@ -163,7 +162,9 @@ def check_not_lost(workdir: str, checkpoint_every: int, start_over: bool) -> boo
     directory = os.path.join(workdir, "checkpoints")
     if os.path.isdir(directory) and any(p.isdigit() for p in os.listdir(directory)):
         return False  # restore_latest decides
-    lost = records_of_checkpoints(workdir, checkpoint_every)
+    lost = records_of_checkpoints(
+        workdir, train_config.checkpoint_every, train_config.steps_per_call
+    )
     if lost and not start_over:
         raise UsageError(
             f"{workdir} holds the records of a run ({lost}) but no checkpoint in {directory}; "
@@ -173,21 +174,26 @@ def check_not_lost(workdir: str, checkpoint_every: int, start_over: bool) -> boo
     return bool(lost)
 
 
-def records_of_checkpoints(workdir: str, checkpoint_every: int) -> str:
-    """What in ``workdir`` shows that its run had written checkpoints: final samples, a resume
-    recorded in ``config_history.jsonl``, or metrics of a step at or after the first checkpoint
-    (``checkpoint_every`` now or in the saved ``config.json``); '' when nothing does (a new run,
-    or one stopped before its first checkpoint, whose records are recomputed bit for bit)."""
+def records_of_checkpoints(workdir: str, checkpoint_every: int, steps_per_call: int = 1) -> str:
+    """What in ``workdir`` shows that its run had completed a checkpoint: final samples, a
+    resume recorded in ``config_history.jsonl``, or metrics of a step past the second checkpoint
+    (a save waits for the one before it, and the records of later steps are written after the
+    second save started, so the first was complete on disk; the first alone may have been cut
+    short by a kill inside its asynchronous write). ``checkpoint_every`` and ``steps_per_call``
+    are the larger of now and the saved ``config.json``'s. '' when nothing shows it (a new run,
+    or one stopped before a checkpoint was complete, whose records are recomputed bit for
+    bit)."""
     found = [n for n in ("samples.npz", "config_history.jsonl") if os.path.exists(f"{workdir}/{n}")]
     logged = [r["step"] for r in JsonLines(os.path.join(workdir, "metrics.jsonl")).read()]
     saved = read_json(os.path.join(workdir, "config.json")) or {}
-    every = min(checkpoint_every, _get(saved, "train.checkpoint_every"))
-    if logged and max(logged) >= every:
+    every = max(checkpoint_every, _get(saved, "train.checkpoint_every", 0))
+    per_call = max(steps_per_call, _get(saved, "train.steps_per_call", 1))
+    if logged and max(logged) >= 2 * every + per_call:
         found.append(f"metrics.jsonl up to step {max(logged)}")
     return ", ".join(found)
 
 
-def _get(tree: dict, field: str, default: Any = math.inf) -> Any:
+def _get(tree: dict, field: str, default: Any) -> Any:
     """``tree["a"]["b"]`` for ``field="a.b"`` of a config as JSON; ``default`` when absent."""
     for part in field.split("."):
         if not isinstance(tree, dict) or part not in tree:

@@ -14,12 +14,14 @@ import importlib.util
 import logging
 import os
 import socket
+import tarfile
 import threading
 import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.download import download_manager
 
 from ddpm_jax.errors import UsageError
 
@@ -121,6 +123,16 @@ def _network_reachable(host: str, port: int = 443, timeout: float = _NETWORK_TIM
     return bool(result and result[0])
 
 
+_PREPARE_FAILURES = (
+    tfds.download.DownloadError,
+    download_manager.NonMatchingChecksumError,
+    tarfile.TarError,
+    EOFError,
+    OSError,
+    AssertionError,
+)
+
+
 def _prepare(builder: Any, name: str, manual_dir: str | None) -> None:
     """Downloads and prepares ``builder`` as ArrayRecord, or raises DataUnavailableError fast."""
     missing = _missing_prepare_modules()
@@ -145,9 +157,10 @@ def _prepare(builder: Any, name: str, manual_dir: str | None) -> None:
                 manual_dir=manual_dir, try_download_gcs=not have_manual
             ),
         )
-    # What preparing without network or manual files raises (tfds asserts the manual directory);
-    # anything else is a bug and keeps its traceback.
-    except (tfds.download.DownloadError, OSError, AssertionError) as e:
+    # What preparing without network, with missing or damaged manual files raises (tfds asserts
+    # the manual directory; a damaged archive fails its checksum or tarfile); anything else is a
+    # bug and keeps its traceback.
+    except _PREPARE_FAILURES as e:
         detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise DataUnavailableError(
             _instructions(name, builder, f"preparing failed with {type(e).__name__}: {detail}")

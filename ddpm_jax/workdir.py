@@ -234,7 +234,8 @@ def trainer_lock(workdir: str | os.PathLike) -> Iterator[None]:
     Process 0 takes an ``fcntl.flock`` on ``workdir/.trainer.lock``, which the kernel releases
     when the process ends however it ends (kill -9 leaves no stale lock), and writes its pid and
     host into it; the other processes of the job learn the outcome from process 0. Re-entrant
-    within a process. Readers of a run (sampling, evaluation) take no lock.
+    within a process. Readers of a run (sampling, evaluation) take no lock. A work directory the
+    lock created is removed again when the run wrote nothing into it (a mistake found late).
 
     Raises:
       UsageError: another process holds the lock; the message names its pid and host.
@@ -249,6 +250,7 @@ def trainer_lock(workdir: str | os.PathLike) -> Iterator[None]:
             _held[path][1] -= 1
         return
     f, holder = None, ""
+    created = not os.path.exists(workdir)
     if is_writer():
         os.makedirs(workdir, exist_ok=True)
         f = open(path, "a+")  # never truncated before the lock is ours
@@ -281,6 +283,9 @@ def trainer_lock(workdir: str | os.PathLike) -> Iterator[None]:
     finally:
         del _held[path]
         if f is not None:
+            if created and os.listdir(workdir) == [LOCK_FILE]:  # a run that wrote nothing
+                os.remove(path)
+                os.rmdir(workdir)
             f.close()  # releases the lock; the file stays (removing it would race a new holder)
 
 

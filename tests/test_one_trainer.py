@@ -86,17 +86,22 @@ def test_a_second_trainer_exits_at_once_and_the_first_goes_on(reference, cache_d
 
 def test_records_of_checkpoints_tell_a_lost_run_from_one_stopped_before_its_first(tmp_path):
     d = str(tmp_path)
+
+    def log(*steps):
+        with open(os.path.join(d, "metrics.jsonl"), "a") as f:
+            f.writelines(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in steps)
+
     assert records_of_checkpoints(d, 4) == ""  # a new run
-    with open(os.path.join(d, "metrics.jsonl"), "w") as f:
-        f.writelines(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3))
-    assert records_of_checkpoints(d, 4) == ""  # killed before checkpoint 4: recomputed as is
-    with open(os.path.join(d, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps({"step": 4, "loss": 1.0}) + "\n")
-    assert records_of_checkpoints(d, 4) == "metrics.jsonl up to step 4"
+    log(1, 2, 3, 4, 5, 6, 7, 8)
+    # Killed while the first or second checkpoint was written: none may be complete.
+    assert records_of_checkpoints(d, 4) == ""
+    log(9)  # the save of step 8 started after the one of step 4 was complete
+    assert records_of_checkpoints(d, 4) == "metrics.jsonl up to step 9"
+    assert records_of_checkpoints(d, 4, steps_per_call=2) == ""  # 8 may be the call of step 9
     assert records_of_checkpoints(d, 10) == ""
-    with open(os.path.join(d, "config.json"), "w") as f:  # the run saved every 2 steps
-        json.dump({"train": {"checkpoint_every": 2}}, f)
-    assert records_of_checkpoints(d, 10) == "metrics.jsonl up to step 4"
+    with open(os.path.join(d, "config.json"), "w") as f:  # the run saved every 5 steps
+        json.dump({"train": {"checkpoint_every": 5}}, f)
+    assert records_of_checkpoints(d, 4) == ""  # the larger of the two
     open(os.path.join(d, "samples.npz"), "wb").close()
     assert records_of_checkpoints(d, 10).startswith("samples.npz")
 

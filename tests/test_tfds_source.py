@@ -7,6 +7,7 @@ import time
 
 import pytest
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
 
 from ddpm_jax import data, tfds_source
 
@@ -60,7 +61,7 @@ def test_manual_archive_skips_network_and_preparation_errors_become_one_message(
 
     def fake_prepare(self, **kwargs):
         calls.append(kwargs)
-        raise RuntimeError("checksum mismatch\nmore detail")
+        raise NonMatchingChecksumError("checksum mismatch\nmore detail")
 
     monkeypatch.setattr(tfds_source, "_missing_prepare_modules", lambda: [])
     monkeypatch.setattr(
@@ -75,7 +76,7 @@ def test_manual_archive_skips_network_and_preparation_errors_become_one_message(
             data_dir=str(tmp_path / "d"),
             manual_dir=str(manual),
         )
-    assert "preparing failed with RuntimeError: checksum mismatch" in str(info.value)
+    assert "preparing failed with NonMatchingChecksumError: checksum mismatch" in str(info.value)
     assert "\n" not in str(info.value)
     (kwargs,) = calls
     assert kwargs["file_format"] == "array_record"
