@@ -145,21 +145,21 @@ def test_tokenizer_folder_errors(tmp_path):
         load_clip_tokenizer(tmp_path)
 
 
-def _clip_text_model(hidden_act, seed):
+def _clip_text_model(hidden_act, seed, vocab_size=300):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
     config = transformers.CLIPTextConfig(
-        vocab_size=300,
+        vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=48,
         num_hidden_layers=3,
         num_attention_heads=4,
         max_position_embeddings=77,
         hidden_act=hidden_act,
-        bos_token_id=298,
-        eos_token_id=299,
-        pad_token_id=299,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
     )
     model = transformers.CLIPTextModel(config)
     with torch.no_grad():
