@@ -8,6 +8,9 @@
   checkpoints) in our UNet.
 - :mod:`ddpm_jax.weights.diffusers_pipeline`: a DDPM / DDIM pipeline folder: the UNet plus the
   schedule, prediction type, clipping and variance of its ``scheduler_config.json``.
+- :mod:`ddpm_jax.weights.stable_diffusion`: a Stable-Diffusion (1.x / 2.x) pipeline folder, through
+  :mod:`~ddpm_jax.weights.diffusers_sd_unet` (the UNet), :mod:`~ddpm_jax.weights.clip_weights`
+  (CLIP's text encoder) and :mod:`~ddpm_jax.weights.clip_tokenizer` (its tokenizer).
 - :mod:`ddpm_jax.weights.fid_inception`: pytorch-fid's FID Inception weights (download + load).
 
 A missing or damaged file, or one that does not fit the network, raises
@@ -25,10 +28,12 @@ from ddpm_jax.weights.fid_inception import (
     variables_from_torch,
 )
 from ddpm_jax.weights.pth import UnsafePickleError, load_pth, load_state_dict
+from ddpm_jax.weights.stable_diffusion import StableDiffusion, load_stable_diffusion
 
 __all__ = [
     "FID_WEIGHTS_URL",
     "DiffusersPipeline",
+    "StableDiffusion",
     "UnsafePickleError",
     "download_fid_weights",
     "inception_from_pth",
@@ -37,5 +42,6 @@ __all__ = [
     "load_diffusers_vae",
     "load_pth",
     "load_state_dict",
+    "load_stable_diffusion",
     "variables_from_torch",
 ]
