@@ -46,6 +46,7 @@ def _positive(value):
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
+@pytest.mark.slow
 def test_tiny_benchmark_writes_the_headline_figures(tiny_run):
     result, stdout = tiny_run
     keys = [
@@ -127,6 +128,7 @@ def test_presets_are_defaults_that_flags_override():
     assert benchmark.parse_args(["--tiny", "--num-steps", "4"]).num_steps == 4
 
 
+@pytest.mark.slow
 def test_accelerator_preset_on_cpu_compiles_and_reports_memory_only(tmp_path):
     """On CPU the preset compiles the training steps (two dtypes, all devices: two here) and
     reports their memory and compile times, and no timings."""
@@ -164,6 +166,7 @@ def test_accelerator_preset_on_cpu_compiles_and_reports_memory_only(tmp_path):
     assert set(result["train_by_dtype"]) == {"float32", "bfloat16"}
 
 
+@pytest.mark.slow
 def test_memory_section_divides_the_state_over_the_fsdp_axis(tmp_path, capsys):
     """Compile-only, in this process's 8 simulated devices; one layout (each compiles)."""
     out = tmp_path / "memory.json"

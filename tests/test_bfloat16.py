@@ -76,6 +76,7 @@ def _recording_optimizer(received):
     return build_optimizer
 
 
+@pytest.mark.slow
 def test_bfloat16_trains_with_float32_state_and_follows_float32(tmp_path, monkeypatch):
     steps = f"--config.train.num_steps={NUM_STEPS}"
     flags = (steps, f"--config.train.checkpoint_every={NUM_STEPS}", "--config.sample.num_samples=0")

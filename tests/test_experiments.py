@@ -160,6 +160,7 @@ def tiny_cifar_config():
     return c
 
 
+@pytest.mark.slow
 def test_cifar_end_to_end_on_mock_data(mock_tfds, tmp_path, capsys):
     config, workdir = tiny_cifar_config(), str(tmp_path / "cifar")
     assert builders.build_dataset(config).random_flip  # flips on, as in Ho et al.
@@ -190,6 +191,7 @@ def test_cifar_end_to_end_on_mock_data(mock_tfds, tmp_path, capsys):
 # ----------------------------------------------------------------------------- the CLI contract
 
 
+@pytest.mark.slow
 def test_digits_cli_with_every_contract_flag(tmp_path, capsys):
     workdir = str(tmp_path / "digits")
     argv = [

@@ -143,6 +143,7 @@ def test_prompt_table_rejects_prompts_that_encode_to_nothing():
         prompt_table(tok, ["a handwritten zero", "!!"])
 
 
+@pytest.mark.slow
 def test_frozen_vae_receives_no_updates(vae_setup, model_setup):
     vae, vae_params, x, labels = vae_setup
     _, model, variables = model_setup
@@ -309,6 +310,7 @@ def test_latent_digits_end_to_end(latent_run):
     assert metrics["train_steps"] == 4
 
 
+@pytest.mark.slow
 def test_latent_run_resumes_with_the_trained_vae_and_loads_for_sampling(latent_run, capsys):
     from experiments import latent_digits
 
@@ -355,6 +357,7 @@ def test_experiments_sample_reproduces_a_latent_runs_samples(
         np.testing.assert_array_equal(f["labels"], want_labels)
 
 
+@pytest.mark.slow
 def test_sigterm_in_each_phase_writes_nothing_final_and_the_rerun_equals_an_uninterrupted_run(
     latent_run, tmp_path, monkeypatch, capsys
 ):

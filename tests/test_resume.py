@@ -33,6 +33,7 @@ from ddpm_jax import cli
 from experiments import chaos
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_resumes(reference, cache_dir, tmp_path):
     """With pmap and two steps per call: also shows, end to end, that these give the results of
     the shard_map reference (up to float rounding)."""
@@ -152,6 +153,7 @@ def _tmpfs(path, size):
         subprocess.run(["umount", "-l", path], check=False)
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_the_run_with_one_line_and_keeps_the_last_checkpoint(
     reference, cache_dir, tmp_path
 ):
@@ -204,6 +206,7 @@ def test_a_fault_while_restoring_stops_with_one_line_and_moves_nothing(
     assert wr.digest(workdir) == before
 
 
+@pytest.mark.slow
 def test_two_processes_agree_on_the_checkpoint_to_restore(reference, cache_dir, tmp_path):
     """Only process 1 finds checkpoint 12 damaged: both fall back to 8 (no hang, no split)."""
     ref_dir, _ = reference
@@ -217,6 +220,7 @@ def test_two_processes_agree_on_the_checkpoint_to_restore(reference, cache_dir, 
     np.testing.assert_allclose(wr.losses(workdir), wr.losses(ref_dir), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_random_kills_then_resume_give_the_uninterrupted_run_bit_for_bit(
     cache_dir, tmp_path, capsys
 ):

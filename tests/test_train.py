@@ -59,6 +59,7 @@ def test_uninterrupted_run_writes_every_output(reference, capsys):
     assert wr.metrics(copy) == wr.metrics(workdir)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cache_dir, tmp_path):
     workdir = str(tmp_path / "diverged")
     args = ["--config.train.lr=1e30", "--config.train.checkpoint_every=1"]
@@ -73,8 +74,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cache_dir, tmp
     assert wr.checkpoint_steps(workdir) == list(range(1, bad_step))  # nothing at or after it
 
 
-# The pmap variant adds ~35 s on 2 cores (two more compilations); marked slow for that reason.
-@pytest.mark.parametrize("kind", ["shard_map", pytest.param("pmap", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["shard_map", "pmap"])
 def test_two_processes_equal_one_process(reference, cache_dir, tmp_path, kind):
     """2 processes x 4 devices (jax.distributed on loopback, gloo) = 1 process x 8 devices."""
     ref_dir, _ = reference
@@ -142,6 +143,7 @@ def test_bad_input_gives_one_line_and_exit_2_before_compiling(tmp_path, capfd, a
     assert counter.events == [], counter.names
 
 
+@pytest.mark.slow
 def test_tensorboard_and_metrics_agree_through_a_kill_and_resume(cache_dir, tmp_path):
     """Loss at every logged step, the digits-FID at every evaluation step and the sample grids,
     read back with TensorBoard's own reader: equal to metrics.jsonl, each step once, although
@@ -168,6 +170,7 @@ def test_tensorboard_and_metrics_agree_through_a_kill_and_resume(cache_dir, tmp_
     assert [e.step for e in acc.Images("samples")] == [6, 12]
 
 
+@pytest.mark.slow
 def test_the_digits_recipe_with_dropout_is_the_same_run_on_1_and_4_devices(cache_dir, tmp_path):
     """Dropout masks are keyed by the global example index: 10 steps of the digits recipe with
     dropout 0.1 give the same per-step losses on 1 and on 4 devices (up to the reduction order

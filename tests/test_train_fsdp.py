@@ -68,6 +68,7 @@ def shard_map_4(tmp_path_factory, cache_dir):
     return _run(tmp_path_factory, cache_dir, "shard_map_4", devices=4)
 
 
+@pytest.mark.slow
 def test_fsdp_equals_shard_map_and_each_device_holds_an_eighth(shard_map_8, fsdp_8):
     (ref_dir, ref_out), (workdir, out) = shard_map_8, fsdp_8
     np.testing.assert_allclose(wr.losses(workdir), wr.losses(ref_dir), rtol=1e-4)
@@ -81,6 +82,7 @@ def test_fsdp_equals_shard_map_and_each_device_holds_an_eighth(shard_map_8, fsdp
     print(f"\n  fsdp on 8 devices: {per_device:,} of {total:,} bytes ({replicated:,} replicated)")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "saved, resumed", [(("fsdp", 8), ("shard_map", 4)), (("shard_map", 4), ("fsdp", 8))]
 )

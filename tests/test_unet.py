@@ -104,6 +104,7 @@ def test_cifar10_config_has_exactly_35_746_307_params():
     assert sum(p.size for p in jax.tree.leaves(shapes)) == 35_746_307 + 11 * 512
 
 
+@pytest.mark.slow
 def test_zero_init_makes_output_zero_and_every_block_identity(class_model):
     model, params, _, apply = class_model
     x, t = _inputs()
@@ -577,6 +578,7 @@ def test_auto_kernels_are_the_cpu_kernels_on_a_cpu_backend(class_model, monkeypa
     assert _kernels_traced(model, params, x, t, y, train=True) == traced["xla"]
 
 
+@pytest.mark.slow
 def test_xla_and_cpu_kernels_give_the_same_params_outputs_and_gradients(class_model):
     """One checkpoint serves both families: identical initial parameters; outputs and
     gradients in training mode (dropout masks keyed by example index) agree to 1e-5."""
@@ -610,6 +612,7 @@ def test_xla_and_cpu_kernels_give_the_same_params_outputs_and_gradients(class_mo
             assert err <= 1e-5, (name, err)
 
 
+@pytest.mark.slow
 def test_forward_mode_autodiff_with_xla_kernels():
     """jax.jacfwd / jax.jvp through the UNet with kernels="xla": the Jacobian equals the one of
     reverse mode through the "cpu" kernels (rows by jax.vjp), and a JVP with respect to the
@@ -646,6 +649,7 @@ def test_forward_mode_autodiff_with_xla_kernels():
 # Dropout keyed by the example's index in the global batch.
 
 
+@pytest.mark.slow
 def test_example_index_makes_training_outputs_independent_of_the_batch(class_model):
     """With example_index (and one 'dropout' key), an example's training output is the same in
     any batch it sits in; without it, the masks depend on the row's position (control)."""

@@ -112,6 +112,7 @@ def _assert_same_params(a, b):
         np.testing.assert_array_equal(fa[k], fb[k], err_msg=str(k))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config, batch", [(CIFAR10_CONFIG, 2), (CHURCH_CONFIG, 1)])
 def test_ddpm_checkpoint_configs_match_diffusers(tmp_path, config, batch):
     ref = _diffusers_model(config, seed=0)
