@@ -380,15 +380,13 @@ def read_run_info(workdir: str | None) -> dict | None:
 
 
 def write_run_info(workdir: str, prepared: PreparedFolder) -> None:
-    """Records the folder's classes, channels and shape in ``workdir`` (process 0), with the
-    skipped unreadable files in ``unreadable.json``; nothing is rewritten when unchanged."""
+    """Records the folder's classes, channels, shape and skipped files in ``workdir``'s
+    ``folder.json`` (process 0); nothing is rewritten when unchanged."""
     if not is_writer():
         return
     info = prepared.info()
     if read_run_info(workdir) != json.loads(json.dumps(info)):
         write_json(os.path.join(workdir, RUN_INFO), info)
-    if prepared.unreadable:
-        write_report(workdir, prepared.unreadable, skipped=True)
 
 
 def write_report(workdir: str, unreadable: Sequence[tuple[str, str]], *, skipped: bool) -> str:

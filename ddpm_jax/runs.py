@@ -138,7 +138,7 @@ def load_run(workdir: str | os.PathLike) -> LoadedRun:
         image_shape, output_shape = tuple(info["latent_shape"]), tuple(info["image_shape"])
         label_classes = np.asarray(info["prompt_classes"], np.int32)
     else:
-        image_shape, num_classes = builders.data_spec(config)
+        image_shape, num_classes = builders.data_spec(config, workdir=path)
         output_shape = image_shape
         model = builders.build_model(config, num_classes)
     # An FSDP run is restored sharded over all devices, then only its EMA is gathered.
