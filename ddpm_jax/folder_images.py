@@ -13,14 +13,17 @@ resizes with Lanczos:
 A file Pillow cannot read, or reads only in part (a truncated PNG or JPEG), raises
 :class:`Unreadable` with the reason; an image smaller than ``size`` with ``upscale=False`` raises
 :class:`TooSmall`. Both are collected by ``ddpm_jax.folder_source`` rather than stopping at the
-first one.
+first one. :func:`load_images` decodes many files with a pool of threads.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import struct
 import zlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -132,6 +135,29 @@ def load_image(path: str, pre: Preprocessing) -> np.ndarray:
     return out[..., None] if out.ndim == 2 else out
 
 
+def load_images(
+    paths: Sequence[str], pre: Preprocessing, workers: int
+) -> Iterator[np.ndarray | Unreadable | TooSmall]:
+    """:func:`load_image` of every path, in order, decoded by ``workers`` threads (Pillow releases
+    the GIL while decoding and resizing); a file that fails gives its exception instead."""
+
+    def load(path: str) -> np.ndarray | Unreadable | TooSmall:
+        try:
+            return load_image(path, pre)
+        except (Unreadable, TooSmall) as e:
+            return e
+
+    window = 4 * workers  # results held at once
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        pending: collections.deque = collections.deque()
+        for path in paths:
+            pending.append(pool.submit(load, path))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def is_gray(image: np.ndarray) -> bool:
     """Whether a ``[H, W, C]`` image has one channel or equal R, G and B everywhere."""
     if image.shape[-1] == 1:
@@ -156,5 +182,6 @@ __all__ = [
     "Unreadable",
     "is_gray",
     "load_image",
+    "load_images",
     "random_crop",
 ]

@@ -19,7 +19,6 @@ class names, channels and shape), so that it can be loaded for sampling without 
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import json
 import os
@@ -27,7 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -85,6 +84,29 @@ class FolderSource:
         return {"image": image[..., : self._channels], "label": self._labels[index]}
 
 
+def _manifest(path: str) -> dict | None:
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def open_cache(path: str) -> FolderSource:
+    """The source of a prepared cache folder, with the channels it was prepared for.
+
+    Raises:
+      UsageError: ``path`` is not a prepared folder.
+    """
+    manifest = _manifest(path)
+    if manifest is None:
+        raise UsageError(
+            f"{path!r} is not a prepared image folder (its data.dir may have changed since: run "
+            "the training command once to prepare it again)"
+        )
+    return FolderSource(path, manifest["channels"])
+
+
 @dataclasses.dataclass(frozen=True)
 class PreparedFolder:
     """A prepared folder (see :func:`prepare_folder`).
@@ -134,27 +156,6 @@ class PreparedFolder:
         )
 
 
-def _ordered_map(fn: Callable, items: Sequence, workers: int) -> Iterator[tuple[Any, Any]]:
-    """``(item, fn(item) or the exception it raised)`` in order, ``workers`` threads, bounded."""
-    window = 4 * workers
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        pending = []
-
-        def call(item):
-            try:
-                return fn(item)
-            except (folder_images.Unreadable, folder_images.TooSmall) as e:
-                return e
-
-        for item in items:
-            pending.append((item, pool.submit(call, item)))
-            if len(pending) >= window:
-                first, future = pending.pop(0)
-                yield first, future.result()
-        for item, future in pending:
-            yield item, future.result()
-
-
 class _Progress:
     """``preparing DIR: 1200/1797 images (350/s)``: redrawn on a terminal, else every 10 s."""
 
@@ -177,12 +178,11 @@ class _Progress:
             log(text)
 
 
-def _unreadable_message(root: str, bad: Sequence[tuple[str, str]], report: str | None) -> str:
+def _unreadable_message(root: str, bad: Sequence[tuple[str, str]]) -> str:
     shown = "; ".join(f"{p} ({r})" for p, r in bad[:3]) + ("; ..." if len(bad) > 3 else "")
-    where = f" (all listed in {report})" if report else ""
     return (
-        f"data.dir={root!r}: {len(bad)} unreadable image file(s){where}: {shown}. Repair or remove "
-        "them, or pass --config.data.skip_unreadable=True to train without them"
+        f"data.dir={root!r}: {len(bad)} unreadable image file(s): {shown}. Repair or remove them, "
+        "or pass --config.data.skip_unreadable=True to train without them"
     )
 
 
@@ -212,29 +212,28 @@ def _prepare(listing: Listing, pre: Preprocessing, final: str, workers: int) -> 
         shapes, labels, kept_captions, bad, small, gray = [], [], [], [], [], True
         progress = _Progress(listing.root, len(listing.files))
         paths = [os.path.join(listing.root, f) for f in listing.files]
-        items = list(zip(paths, listing.labels.tolist(), captions, strict=True))
-        load = lambda item: folder_images.load_image(item[0], pre)
-        for done, (item, out) in enumerate(_ordered_map(load, items, workers), 1):
+        loaded = folder_images.load_images(paths, pre, workers)
+        for i, (path, out) in enumerate(zip(paths, loaded, strict=True)):
             if isinstance(out, folder_images.Unreadable):
-                bad.append((item[0], str(out)))
+                bad.append((path, str(out)))
             elif isinstance(out, folder_images.TooSmall):
-                small.append((item[0], str(out)))
+                small.append((path, str(out)))
             else:
                 writer.write(np.ascontiguousarray(out).tobytes())
                 shapes.append(out.shape)
-                labels.append(item[1])
-                kept_captions.append(item[2])
+                labels.append(int(listing.labels[i]))
+                kept_captions.append(captions[i])
                 gray = gray and folder_images.is_gray(out)
-            progress(done, len(bad))
+            progress(i + 1, len(bad))
         writer.close()
-        progress(len(items), len(bad), final=True)
+        progress(len(paths), len(bad), final=True)
         if small:
             raise UsageError(
                 f"data.dir={listing.root!r}: {len(small)} image(s) smaller than the target, e.g. "
                 f"{small[0][0]} ({small[0][1]}): pass --config.data.upscale=True to enlarge them"
             )
         if not shapes:
-            raise UnreadableImagesError(_unreadable_message(listing.root, bad, None), bad)
+            raise UnreadableImagesError(_unreadable_message(listing.root, bad), bad)
         channels = pre.channels or (1 if gray else 3)
         np.savez(
             os.path.join(tmp, INDEX),
@@ -262,11 +261,8 @@ def _prepare(listing: Listing, pre: Preprocessing, final: str, workers: int) -> 
 
 
 def _open(path: str, root: str, pre: Preprocessing, from_cache: bool) -> PreparedFolder | None:
-    manifest = None
-    try:
-        with open(os.path.join(path, MANIFEST)) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError):
+    manifest = _manifest(path)
+    if manifest is None:
         return None
     channels, size = manifest["channels"], pre.image_size
     augment = None
@@ -333,7 +329,7 @@ def prepare_folder(
         prepared = _open(path, listing.root, pre, from_cache=False)
     if prepared.unreadable and not skip_unreadable:
         bad = prepared.unreadable
-        raise UnreadableImagesError(_unreadable_message(listing.root, bad, None), bad)
+        raise UnreadableImagesError(_unreadable_message(listing.root, bad), bad)
     return prepared
 
 
@@ -407,6 +403,7 @@ __all__ = [
     "PreparedFolder",
     "UnreadableImagesError",
     "default_cache_dir",
+    "open_cache",
     "folder_spec",
     "prepare_folder",
     "read_run_info",

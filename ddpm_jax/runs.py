@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ddpm_jax import builders, schedules
+from ddpm_jax import builders, folder_source, schedules
 from ddpm_jax import config as config_lib
 from ddpm_jax.checkpoint import Checkpointer
 from ddpm_jax.errors import UsageError
@@ -158,6 +158,9 @@ def load_run(workdir: str | os.PathLike) -> LoadedRun:
     finally:
         ckpt.close()
     d = config.data
+    data_dir = d.data_dir  # a folder run's images for evaluation: its prepared cache
+    if d.name == folder_source.FOLDER:
+        data_dir = (folder_source.read_run_info(path) or {}).get("cache")
     return LoadedRun(
         path=path,
         model=model,
@@ -168,7 +171,7 @@ def load_run(workdir: str | os.PathLike) -> LoadedRun:
         ema_params=dp.gather(state.ema_params),
         step=int(step),
         sample_defaults=builders.sample_settings(config),
-        data=DataRef(d.name, d.data_dir, d.manual_dir),
+        data=DataRef(d.name, data_dir, d.manual_dir),
         config=config,
         decode_fn=decode_fn,
         tokenizer=tokenizer,

@@ -284,3 +284,29 @@ def test_a_run_is_loadable_from_its_record_without_the_folder(tmp_path):
     assert builders.data_spec(config, workdir) == ((16, 16, 3), 10)
     with pytest.raises(UsageError, match="unknown here"):
         builders.data_spec(config)
+
+
+def test_reference_statistics_come_from_the_prepared_images(tmp_path):
+    from ddpm_jax.evaluation.evaluate import Evaluator
+    from ddpm_jax.evaluation.reference import Extractor
+
+    root, cache = str(tmp_path / "digits"), str(tmp_path / "cache")
+    x, y = _folders.write_digits_folder(root, limit=30, kinds=("png",))
+    prepared = folder_source.prepare_folder(root, Preprocessing(16), cache_dir=cache)
+    seen = []
+
+    def fn(imgs):
+        seen.append(imgs)
+        flat = imgs.reshape(len(imgs), -1).astype(np.float64)
+        return flat[:, :4], np.ones((len(imgs), 1))
+
+    extractor = Extractor(name="first4", dim=4, fn=fn, classes=False)
+    kwargs = dict(data_dir=prepared.path, extractor=extractor, cache_dir=str(tmp_path / "stats"))
+    ev = Evaluator("folder", (16, 16, 1), verbose=False, **kwargs)
+    assert not ev.reference_cached and ev.reference.count == 30
+    assert os.path.basename(prepared.path) in ev.cache_path  # one file per folder state
+    order = np.lexsort((np.arange(len(y)), y))  # the folder's order: by class, then name
+    np.testing.assert_array_equal(np.concatenate(seen), x[order])
+    assert Evaluator("folder", (16, 16, 1), verbose=False, **kwargs).reference_cached
+    with pytest.raises(UsageError, match="only its images"):
+        list(ev.split_images("test"))
