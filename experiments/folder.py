@@ -49,7 +49,7 @@ from ml_collections import config_dict
 from ddpm_jax import builders, cli, folder_source, train
 from ddpm_jax.config import default_config
 from ddpm_jax.errors import UsageError
-from ddpm_jax.workdir import log
+from ddpm_jax.workdir import log, warn
 
 DEFAULT_IMAGE_SIZE = 64
 _BIG = dict(num_res_blocks=2, attn_resolutions=(16,), dropout=0.0, ch=128)
@@ -121,6 +121,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> train.RunR
     if prepared.unreadable:
         path = folder_source.write_report(workdir, prepared.unreadable, skipped=True)
         log(f"data: {len(prepared.unreadable)} unreadable file(s) skipped, listed in {path}")
+    before = folder_source.read_run_info(workdir)
+    if before and (before["classes"], before["image_shape"]) != (
+        list(prepared.classes),
+        list(prepared.image_shape),
+    ):
+        raise UsageError(
+            f"{workdir} was trained on classes {before['classes']} of shape "
+            f"{before['image_shape']}; data.dir now gives {list(prepared.classes)} of shape "
+            f"{list(prepared.image_shape)}: restore the folder or use another --workdir"
+        )
+    if before and before["cache"] != prepared.path:
+        warn(f"the images of data.dir changed since this run last started ({before['cache']})")
     folder_source.write_run_info(workdir, prepared)
     return train.run(config, workdir, dataset=builders.build_dataset(config, prepared), **kwargs)
 

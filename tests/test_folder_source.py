@@ -310,3 +310,16 @@ def test_reference_statistics_come_from_the_prepared_images(tmp_path):
     assert Evaluator("folder", (16, 16, 1), verbose=False, **kwargs).reference_cached
     with pytest.raises(UsageError, match="only its images"):
         list(ev.split_images("test"))
+
+
+def test_a_run_refuses_a_folder_whose_classes_changed(tmp_path):
+    root, workdir = str(tmp_path / "digits"), str(tmp_path / "run")
+    _folders.write_digits_folder(root, limit=30)
+    config = _folder_config(root, str(tmp_path / "cache"))
+    os.makedirs(workdir)
+    folder_source.write_run_info(workdir, builders.prepare_folder(config))
+    before = sorted(os.listdir(workdir))
+    os.rename(os.path.join(root, "9"), os.path.join(root, "nine"))
+    with pytest.raises(UsageError, match=r"trained on classes \['0'.*'9'\].*'nine'"):
+        folder_experiment.run(config, workdir)
+    assert sorted(os.listdir(workdir)) == before
