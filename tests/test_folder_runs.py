@@ -3,8 +3,9 @@
 
 - a run with ``skip_unreadable`` trains without the truncated file and records it;
 - the tiny run of ``tests/_train_worker.py`` on a folder: killed with SIGKILL and resumed it is
-  bit-identical to an uninterrupted run, and 1 device gives the losses of 4 (rtol 1e-4); the
-  prepared cache is reused by the later runs;
+  bit-identical to an uninterrupted run, 1 device and 2 processes of 2 devices give the losses
+  of 4 (rtol 1e-4); the prepared cache is reused by the later runs, and prepared by process 0
+  alone on a fresh cache;
 - (slow) the acceptance run: the digits as 16x16 files of mixed formats in ten class folders,
   ``experiments.folder`` with every setting at its default but the size, gives guided samples
   the digits classifier recognises as the requested class >= 95% of the time.
@@ -68,6 +69,12 @@ def test_resume_after_kill_is_exact_and_1_device_equals_4(cache_dir, tmp_path):
     one = str(tmp_path / "one")
     wr.check_ok(wr.launch(cache_dir, one, *args, devices=1))
     np.testing.assert_allclose(wr.losses(one), wr.losses(ref), rtol=1e-4)
+    # Two processes on a fresh cache: process 0 prepares while process 1 waits, then both read.
+    two, fresh = str(tmp_path / "two"), f"--config.data.cache_dir={tmp_path / 'fresh'}"
+    outs = wr.run_processes(cache_dir, two, *args, fresh, num_processes=2, devices=2)
+    assert "preparing" in outs[0][0]
+    assert len(os.listdir(tmp_path / "fresh")) == 1
+    np.testing.assert_allclose(wr.losses(two), wr.losses(ref), rtol=1e-4)
 
 
 @pytest.mark.slow
