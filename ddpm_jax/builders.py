@@ -8,7 +8,8 @@ Every other module takes explicit arguments; only this module and ``config.py`` 
 - the noise schedule (:func:`build_schedule`) and the sampling settings of ``config.sample`` and
   ``config.eval`` (:func:`sample_settings`);
 - the data: :func:`data_spec` (image shape and classes from the dataset's metadata, without
-  reading data) and :func:`build_dataset` (the deterministic batches);
+  reading data) and :func:`build_dataset` (the deterministic batches; a folder of images is
+  prepared first, :func:`prepare_folder`);
 - the optimizer and its learning-rate schedule (:func:`build_optimizer`), the parallel layout
   (:func:`build_parallel`);
 - the training state: :func:`init_state_fn`, :func:`abstract_state` (shapes, dtypes and the
@@ -29,9 +30,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ddpm_jax import data, parallel, schedules
+from ddpm_jax import data, folder_source, parallel, schedules
 from ddpm_jax import state as state_lib
 from ddpm_jax.errors import UsageError
+from ddpm_jax.folder_images import Preprocessing
 from ddpm_jax.models.autoencoder import AutoencoderKL
 from ddpm_jax.models.layers import DTYPES
 from ddpm_jax.models.text import PromptUNet, TextEncoder, Tokenizer, prompt_table
@@ -67,12 +69,14 @@ def build_unet(config: Config, *, num_classes: int | None = None, context_dim=No
 
 def build_model(config: Config, num_classes: int | None) -> UNet:
     """The UNet of a pixel-space run: class-conditional on the dataset's ``num_classes`` when
-    ``config.model.class_conditional``."""
-    if config.model.class_conditional and num_classes is None:
-        raise UsageError(
-            f"config.model.class_conditional=True but {config.data.name!r} has no labels"
-        )
-    return build_unet(config, num_classes=num_classes if config.model.class_conditional else None)
+    ``config.model.class_conditional`` (None: when the dataset has two classes or more)."""
+    conditional = config.model.class_conditional
+    if conditional is None:
+        conditional = (num_classes or 0) > 1
+    if conditional and (num_classes or 0) < 2:
+        has = "no labels" if num_classes is None else "a single class"
+        raise UsageError(f"config.model.class_conditional=True but {config.data.name!r} has {has}")
+    return build_unet(config, num_classes=num_classes if conditional else None)
 
 
 def build_prompt_unet(config: Config, tokenizer: Tokenizer, prompts: Sequence[str]) -> PromptUNet:
@@ -143,29 +147,73 @@ def check_image_shape(config: Config, image_shape: Sequence[int]) -> None:
         )
 
 
-def data_spec(config: Config) -> tuple[tuple[int, int, int], int | None]:
+def data_spec(
+    config: Config, workdir: str | None = None
+) -> tuple[tuple[int, int, int], int | None]:
     """``(image_shape, num_classes)`` of a pixel-space run's data, from the dataset's metadata
-    (no data is read or prepared)."""
+    (no data is read or prepared); a folder run's from the run's ``folder.json`` in ``workdir``
+    (else from the folder's prepared cache)."""
     d = config.data
-    shape, num_classes = data.image_spec(d.name, data_dir=d.data_dir, image_size=d.image_size)
+    if d.name == folder_source.FOLDER:
+        shape, num_classes = folder_source.folder_spec(
+            d.dir,
+            folder_preprocessing(config),
+            cache_dir=d.cache_dir,
+            run_info=folder_source.read_run_info(workdir),
+        )
+    else:
+        shape, num_classes = data.image_spec(d.name, data_dir=d.data_dir, image_size=d.image_size)
     check_image_shape(config, shape)
     return shape, num_classes
 
 
-def build_dataset(config: Config) -> data.ImageDataset:
-    """This process's deterministic training batches of ``config.data``."""
+def folder_preprocessing(config: Config) -> Preprocessing:
+    """How the images of a folder dataset are prepared (``config.data``)."""
     d = config.data
-    ds = data.make_dataset(
-        d.name,
-        split="train",
-        global_batch_size=config.train.batch_size,
-        seed=config.seed,
-        data_dir=d.data_dir,
-        manual_dir=d.manual_dir,
-        random_flip=d.random_flip,
-        image_size=d.image_size,
-        num_examples=d.num_examples,
+    return Preprocessing(d.image_size, crop=d.crop, channels=d.channels, upscale=d.upscale)
+
+
+def prepare_folder(config: Config) -> folder_source.PreparedFolder:
+    """The prepared images of ``config.data.dir`` (prepared now unless cached)."""
+    d = config.data
+    return folder_source.prepare_folder(
+        d.dir,
+        folder_preprocessing(config),
+        cache_dir=d.cache_dir,
+        skip_unreadable=d.skip_unreadable,
     )
+
+
+def build_dataset(
+    config: Config, prepared: folder_source.PreparedFolder | None = None
+) -> data.ImageDataset:
+    """This process's deterministic training batches of ``config.data`` (a folder dataset from
+    ``prepared``, or :func:`prepare_folder` when None)."""
+    d = config.data
+    if d.name == folder_source.FOLDER:
+        prepared = prepare_folder(config) if prepared is None else prepared
+        ds = data.ImageDataset(
+            prepared.source,
+            name=d.name,
+            num_classes=prepared.num_classes,
+            global_batch_size=config.train.batch_size,
+            seed=config.seed,
+            random_flip=bool(d.random_flip),
+            num_examples=d.num_examples,
+            augment=prepared.augment,
+        )
+    else:
+        ds = data.make_dataset(
+            d.name,
+            split="train",
+            global_batch_size=config.train.batch_size,
+            seed=config.seed,
+            data_dir=d.data_dir,
+            manual_dir=d.manual_dir,
+            random_flip=d.random_flip,
+            image_size=d.image_size,
+            num_examples=d.num_examples,
+        )
     check_image_shape(config, ds.image_shape)
     return ds
 
@@ -295,8 +343,10 @@ __all__ = [
     "build_vae",
     "check_image_shape",
     "data_spec",
+    "folder_preprocessing",
     "init_state",
     "init_state_fn",
+    "prepare_folder",
     "sample_settings",
     "step_settings",
 ]

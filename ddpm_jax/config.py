@@ -12,11 +12,16 @@ defaults are Ho et al. 2020, CIFAR-10):
 - ``mesh`` (fsdp only): ``fsdp``, the size of the ``"fsdp"`` mesh axis (None: all devices; it
   must divide the device count), ``fsdp_min_size`` (smaller leaves stay replicated).
 - ``data``: ``name``, ``data_dir``, ``manual_dir``, ``random_flip`` (None: dataset default),
-  ``image_size`` (None: native), ``num_examples`` (None: all) — see ``ddpm_jax.data``.
+  ``image_size`` (None: native), ``num_examples`` (None: all) — see ``ddpm_jax.data``. A folder of
+  images (``name="folder"``, ``ddpm_jax.folder_source``): ``dir`` (the folder), ``cache_dir``
+  (its prepared images; None: ``~/.cache/ddpm_jax/folders``), ``crop`` ("center" | "random"),
+  ``channels`` (None: 1 when every image is gray, else 3), ``upscale`` (enlarge images smaller
+  than ``image_size``), ``skip_unreadable`` (train without unreadable files, listed in the run).
 - ``model``: the UNet's ``ch, ch_mult, num_res_blocks, attn_resolutions, dropout, num_heads,
   num_groups, resblock_conditioning``, ``dtype`` ("float32" | "bfloat16"), ``kernels`` ("auto":
   the CPU-tuned kernels on CPU, plain XLA elsewhere; "xla"; "cpu") and
-  ``class_conditional`` (labels from the dataset, null label = ``num_classes``).
+  ``class_conditional`` (labels from the dataset, null label = ``num_classes``; None: when the
+  dataset has two classes or more).
 - ``diffusion``: ``schedule`` ("linear" | "cosine" | "sigmoid"), ``num_timesteps``, ``beta_start``,
   ``beta_end`` (linear only), ``prediction`` ("eps" | "x0" | "v"), ``weighting``
   ("uniform" | "min_snr"), ``min_snr_gamma``.
@@ -47,7 +52,15 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from ddpm_jax import builders, diffusion, losses, parallel, schedules
+from ddpm_jax import (
+    builders,
+    diffusion,
+    folder_images,
+    folder_source,
+    losses,
+    parallel,
+    schedules,
+)
 from ddpm_jax.errors import UsageError
 from ddpm_jax.models import layers, ops
 from ddpm_jax.models.unet import CIFAR10_DDPM
@@ -75,6 +88,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.random_flip = config_dict.placeholder(bool)
     c.data.image_size = config_dict.placeholder(int)
     c.data.num_examples = config_dict.placeholder(int)
+    c.data.dir = config_dict.placeholder(str)  # name="folder": the folder of images
+    c.data.cache_dir = config_dict.placeholder(str)
+    c.data.crop = "center"
+    c.data.channels = config_dict.placeholder(int)
+    c.data.upscale = True
+    c.data.skip_unreadable = False
 
     c.model = ml_collections.ConfigDict(dict(CIFAR10_DDPM))  # ch, ch_mult, blocks, attn, dropout
     c.model.num_heads = 1
@@ -272,6 +291,7 @@ def validate(
     _bool(config, "data.random_flip", optional=True)
     _int(config, "data.image_size", 1, optional=True)
     _int(config, "data.num_examples", 1, optional=True)
+    _validate_folder(config)
 
     _int(config, "model.ch", 1)
     _int_tuple(config, "model.ch_mult", allow_empty=False)
@@ -283,7 +303,7 @@ def validate(
     _choice(config, "model.resblock_conditioning", layers.RESBLOCK_CONDITIONINGS)
     _choice(config, "model.dtype", tuple(layers.DTYPES))
     _choice(config, "model.kernels", ops.KERNELS)
-    _bool(config, "model.class_conditional")
+    _bool(config, "model.class_conditional", optional=True)
     m = config.model
     widths = sorted({m.ch, *(m.ch * k for k in m.ch_mult)})
     if any(w % m.num_groups for w in widths):
@@ -365,6 +385,7 @@ def check_paths(config: ml_collections.ConfigDict) -> None:
     fields = [
         ("data.data_dir", os.path.isdir, "a directory"),
         ("data.manual_dir", os.path.isdir, "a directory"),
+        ("data.dir", os.path.isdir, "a directory of images"),
     ]
     if "eval" in config:
         readable = lambda p: os.path.isfile(p) and os.access(p, os.R_OK)
@@ -373,6 +394,23 @@ def check_paths(config: ml_collections.ConfigDict) -> None:
         path = _get(config, field)
         if path is not None and not ok(os.path.expanduser(path)):
             _fail(field, path, f"expected {what}; it does not exist or cannot be read")
+
+
+def _validate_folder(config: ml_collections.ConfigDict) -> None:
+    """The fields of a folder dataset (``data.name="folder"``: ``data.dir`` and ``image_size``)."""
+    for field in ("data.dir", "data.cache_dir"):
+        _path(config, field)
+    _choice(config, "data.crop", folder_images.CROPS)
+    channels = _get(config, "data.channels")
+    if channels is not None and channels not in folder_images.CHANNELS:
+        _fail("data.channels", channels, f"expected one of {list(folder_images.CHANNELS)} or None")
+    _bool(config, "data.upscale")
+    _bool(config, "data.skip_unreadable")
+    if config.data.name == folder_source.FOLDER:
+        if config.data.dir is None:
+            _fail("data.dir", None, "data.name='folder' needs the folder of images")
+        if config.data.image_size is None:
+            _fail("data.image_size", None, "data.name='folder' needs the side of its images")
 
 
 def _divides(field: str, value: int, other: str, other_value: int) -> None:

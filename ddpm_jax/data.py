@@ -24,7 +24,7 @@ e.g. the encoded latents of a latent-diffusion run).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import grain
@@ -167,10 +167,13 @@ class ImageDataset:
         num_examples: int | None = None,
         num_threads: int = 4,
         prefetch_batches: int = 8,
+        augment: Callable[[dict[str, Any], np.random.Generator], dict[str, Any]] | None = None,
     ):
         """Args: ``source[i]`` is a dict with ``"image"`` uint8 ``[H, W, C]`` (or ``[H, W]``; mapped
         to [-1, 1]) or float32 ``[H, W, C]`` (used as is, e.g. latents) and optionally
-        ``"label"``; the other arguments are those of ``make_dataset``."""
+        ``"label"``; ``augment(example, rng)`` an optional random transform of the source's
+        examples (e.g. a folder's random crop), drawn per flat position like the flips; the
+        other arguments are those of ``make_dataset``."""
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
         _check_int("process_count", process_count, 1)
@@ -205,15 +208,20 @@ class ImageDataset:
             num_threads=num_threads, prefetch_buffer_size=max(prefetch_batches, num_threads)
         )
         self.image_shape = None
-        self.image_shape = self._decode(source[0])["image"].shape
-        shuffle_seed, flip_seed = (
-            int(s) for s in np.random.SeedSequence(self.seed).generate_state(2)
+        first = source[0] if augment is None else augment(source[0], np.random.default_rng(0))
+        self.image_shape = self._decode(first)["image"].shape
+        # generate_state(n)[:2] does not depend on n: the streams without augment are unchanged.
+        shuffle_seed, flip_seed, augment_seed = (
+            int(s) for s in np.random.SeedSequence(self.seed).generate_state(3)
         )
         ds = grain.MapDataset.source(source)
         if total < len(source):
             ds = ds.slice(slice(0, total))
         # shuffle-then-repeat: epoch e of the endless stream is permuted with seed shuffle_seed + e.
-        ds = ds.shuffle(seed=shuffle_seed).repeat().map(self._decode)
+        ds = ds.shuffle(seed=shuffle_seed).repeat()
+        if augment is not None:  # keyed by flat position, as the flips
+            ds = ds.random_map(augment, seed=augment_seed)
+        ds = ds.map(self._decode)
         if self.random_flip:  # keyed by flat position = (epoch, position in epoch).
             ds = ds.random_map(_random_flip, seed=flip_seed)
         self._examples = ds  # the endless stream, one example per flat position

@@ -44,7 +44,7 @@ IDENTITY = tuple(
     # the randomness of init, data order, timesteps and noise
     "seed "
     # the dataset and the shape of its examples (a checkpoint of another shape cannot restore)
-    "data.name data.image_size "
+    "data.name data.image_size data.channels "
     # the network's structure (its parameters' shapes and what they condition on)
     "model.ch model.ch_mult model.num_res_blocks model.attn_resolutions model.num_heads "
     "model.num_groups model.resblock_conditioning model.class_conditional "
@@ -67,7 +67,7 @@ TRAINING = tuple(
     # the examples per epoch (in cifar_latent also the latents' scale factor)
     "data.num_examples "
     # the augmentation: the distribution the model is fit to
-    "data.random_flip "
+    "data.random_flip data.crop "
     # the loss: which timesteps the model is fit to, and how much
     "diffusion.weighting diffusion.min_snr_gamma "
     # label dropout: how much unconditional (guidance) training the model gets
@@ -90,8 +90,9 @@ FREE = tuple(
     # count (a checkpoint restores into any), the compute dtype (parameters stay float32), the
     # kernels (same results)
     "train.steps_per_call parallel mesh.fsdp mesh.fsdp_min_size model.dtype model.kernels "
-    # where the same dataset is read from
-    "data.data_dir data.manual_dir "
+    # where the same dataset is read from (a folder dataset: where it is, where it is prepared,
+    # and what preparing it accepts; a folder whose files changed is prepared again)
+    "data.data_dir data.manual_dir data.dir data.cache_dir data.upscale data.skip_unreadable "
     # the samples and evaluations the run writes
     "sample.num_samples sample.method sample.num_steps sample.guidance_scale sample.eta "
     "sample.clip_x0 sample.variance sample.grid_size sample.batch_size "

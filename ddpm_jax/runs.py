@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ddpm_jax import builders, schedules
+from ddpm_jax import builders, folder_source, schedules
 from ddpm_jax import config as config_lib
 from ddpm_jax.checkpoint import Checkpointer
 from ddpm_jax.errors import UsageError
@@ -146,7 +146,7 @@ def load_run(workdir: str | os.PathLike) -> LoadedRun:
         image_shape, output_shape = tuple(info["latent_shape"]), tuple(info["image_shape"])
         label_classes = np.asarray(info["prompt_classes"], np.int32)
     else:
-        image_shape, num_classes = builders.data_spec(config)
+        image_shape, num_classes = builders.data_spec(config, workdir=path)
         output_shape = image_shape
         model = builders.build_model(config, num_classes)
     # An FSDP run is restored sharded over all devices, then only its EMA is gathered.
@@ -166,6 +166,9 @@ def load_run(workdir: str | os.PathLike) -> LoadedRun:
     finally:
         ckpt.close()
     d = config.data
+    data_dir = d.data_dir  # a folder run's images for evaluation: its prepared cache
+    if d.name == folder_source.FOLDER:
+        data_dir = (folder_source.read_run_info(path) or {}).get("cache")
     return LoadedRun(
         path=path,
         model=model,
@@ -177,7 +180,7 @@ def load_run(workdir: str | os.PathLike) -> LoadedRun:
         step=int(step),
         sample_settings=builders.sample_settings(config),
         prediction=config.diffusion.prediction,
-        data=DataRef(d.name, d.data_dir, d.manual_dir),
+        data=DataRef(d.name, data_dir, d.manual_dir),
         config=config,
         decode_fn=decode_fn,
         tokenizer=tokenizer,

@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ddpm_jax import builders
+from ddpm_jax import builders, folder_source
 from ddpm_jax.evaluation.evaluate import Evaluator
 from ddpm_jax.generate import Generator
 from ddpm_jax.workdir import EVAL_TAG, run_key
@@ -57,10 +57,11 @@ class PeriodicEvaluation:
         self.key = jax.random.fold_in(run_key(config.seed, EVAL_TAG), 0)
         # Built now, before the training step compiles: a missing Inception file or dataset is
         # found at the start, not after eval.every steps (the statistics are cached on disk).
+        folder = d.name == folder_source.FOLDER  # its statistics: of the prepared images
         self.evaluator = Evaluator(
             d.name,
             output_shape,
-            data_dir=d.data_dir,
+            data_dir=builders.prepare_folder(config).path if folder else d.data_dir,
             manual_dir=d.manual_dir,
             inception_path=e.inception_path,
             cache_dir=e.cache_dir,

@@ -26,6 +26,7 @@ from ddpm_jax.evaluation.reference import (
     Extractor,
     digits_extractor,
     inception_extractor,
+    reference_name,
     reference_path,
     reference_stats,
     split_images,
@@ -46,7 +47,7 @@ class Evaluator:
     Args:
       dataset: the dataset's name (``"digits"``, ``"cifar10"``, ...).
       image_shape: ``(H, W, C)`` of the generated images; the reference images are resized to it.
-      data_dir / manual_dir: where the tfds dataset is (or is prepared from).
+      data_dir / manual_dir: where the tfds dataset is (or is prepared from); a folder's cache.
       extractor: the feature extractor (default: :func:`digits_extractor` for digits, else
         :func:`inception_extractor` with ``inception_path``).
       inception_path: FID Inception weights (None: the cached download).
@@ -82,7 +83,7 @@ class Evaluator:
                 extractor = inception_extractor(inception_path)
         self.extractor = extractor
         self.cache_path = reference_path(
-            dataset,
+            reference_name(dataset, data_dir),
             split="train",
             image_shape=self.image_shape,
             extractor=extractor.name,

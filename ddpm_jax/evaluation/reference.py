@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 import jax
 import numpy as np
 
-from ddpm_jax import data, images
+from ddpm_jax import data, folder_source, images
 from ddpm_jax.errors import UsageError
 from ddpm_jax.evaluation import digits_classifier as digits_lib
 from ddpm_jax.evaluation import metrics
@@ -140,9 +140,10 @@ def split_images(
     """Batches of one pass over ``split`` of a dataset (the remainder of a tfds split is dropped).
 
     Args:
-      name: ``"digits"`` or a tfds image dataset (``"cifar10"``).
-      split: ``"train"``, ``"test"`` (any tfds split string for tfds).
-      data_dir / manual_dir: tfds data directory and directory of the original archives.
+      name: ``"digits"``, ``"folder"`` or a tfds image dataset (``"cifar10"``).
+      split: ``"train"``, ``"test"`` (any tfds split string for tfds; a folder has ``"train"``).
+      data_dir / manual_dir: tfds data directory and directory of the original archives; for a
+        folder, the prepared cache folder (``ddpm_jax.folder_source``).
       image_size: resize to ``size`` or ``(height, width)`` (bilinear); None keeps the dataset's.
 
     Yields:
@@ -152,6 +153,9 @@ def split_images(
       UsageError: an unknown dataset or split; ``DataUnavailableError`` when a tfds dataset is not
         prepared and cannot be prepared here (raised at the first batch).
     """
+    if name == folder_source.FOLDER:
+        yield from _folder_images(data_dir, split, image_size)
+        return
     if name == data.DIGITS:
         x, y = data.digits_arrays(split)
         if image_size is not None:
@@ -184,6 +188,26 @@ def split_images(
         yield images.to_uint8(b["image"]), b["label"]
 
 
+def _folder_images(cache: str | None, split: str, image_size) -> Batches:
+    """One pass over the prepared images of a folder (``cache``: the prepared cache folder),
+    the centre window of each (a random-crop cache stores the short side only)."""
+    if split != "train":
+        raise UsageError(f"a folder dataset has only its images (split='train'), not {split!r}")
+    source = folder_source.open_cache(cache or "")
+    for start in range(0, len(source), REFERENCE_BATCH):
+        examples = [source[i] for i in range(start, min(start + REFERENCE_BATCH, len(source)))]
+        x = []
+        for e in examples:
+            h, w = e["image"].shape[:2]
+            s = min(h, w)
+            x.append(e["image"][(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s])
+        x = np.stack(x)
+        if image_size is not None:
+            hw = (image_size, image_size) if np.isscalar(image_size) else tuple(image_size)
+            x = x if tuple(hw) == x.shape[1:3] else images.resize(x, hw)
+        yield x, np.asarray([e["label"] for e in examples], np.int32)
+
+
 # ----------------------------------------------------------------------------- statistics
 
 
@@ -210,6 +234,14 @@ def default_cache_dir() -> str:
     """``$XDG_CACHE_HOME/ddpm_jax/reference_stats`` (default ``~/.cache/ddpm_jax/...``)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "ddpm_jax", "reference_stats")
+
+
+def reference_name(name: str, data_dir: str | None) -> str:
+    """The name of a dataset's cached statistics: ``name``; a folder's names its prepared cache
+    (``data_dir``), so each folder state has its own."""
+    if name != folder_source.FOLDER:
+        return name
+    return f"folder_{os.path.basename(os.path.normpath(data_dir or 'unknown'))}"
 
 
 def reference_path(
@@ -291,6 +323,7 @@ __all__ = [
     "default_cache_dir",
     "digits_extractor",
     "inception_extractor",
+    "reference_name",
     "reference_path",
     "reference_stats",
     "split_images",
