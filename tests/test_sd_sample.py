@@ -152,9 +152,8 @@ def test_text_to_image_matches_diffusers(sd_dir, tmp_path, method):
 def test_image_to_image_matches_diffusers(sd_dir, tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
-    from PIL import Image
-
     from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as mod
+    from PIL import Image
 
     root, pipe, noise = sd_dir
     yy, xx = np.mgrid[0:16, 0:16]
