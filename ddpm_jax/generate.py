@@ -98,7 +98,7 @@ class Generator:
         if (batch, conditioning) not in self._fns:
             shape = (batch, *self.image_shape)
 
-            def generate(params, keys, cond, scale):
+            def generate(params, keys, cond, scale, x_T):  # x_T: None, or the round's x_T
                 model_fn = lambda x_t, t, **c: self.model.apply(params, x_t, t, **c)
                 if conditioning == "labels":
                     guided = guidance.classifier_free(model_fn, scale, self.model.null_label)
@@ -116,6 +116,7 @@ class Generator:
                     keys,
                     shape,
                     prediction=self.prediction,
+                    x_T=x_T,
                     **self.settings.sampler_kwargs(),
                 )
                 return x if self.decode_fn is None else self.decode_fn(x)
@@ -138,6 +139,7 @@ class Generator:
         guidance_scale: float | None = None,
         progress: Callable[[int, int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        x_T: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray] | None:
         """``num`` samples in rounds of ``batch_size`` rounded up to the device count.
 
@@ -155,6 +157,8 @@ class Generator:
             images are on the host.
           should_stop: optional; when it returns True after a round, the call returns None
             (e.g. on a preemption notice).
+          x_T: optional float32 ``[num, *image_shape]`` starting states instead of the keys'
+            (to compare with another implementation); the keys still draw any per-step noise.
 
         Returns:
           ``(images uint8 [num, H, W, C], labels int32 [num])`` on every process (labels -1 for
@@ -181,12 +185,21 @@ class Generator:
         if len(cond) != num:
             raise ValueError(f"{len(cond)} labels or prompts for {num} samples")
         cond = np.concatenate([cond, np.repeat(cond[-1:], total - num, 0)])  # fills the last round
+        if x_T is not None:
+            x_T = np.asarray(x_T, np.float32)
+            x_T = np.concatenate([x_T, np.repeat(x_T[-1:], total - num, 0)])
         out = []
         for r in range(rounds):
             chunk = cond[r * batch : (r + 1) * batch]
             c = jax.make_array_from_callback(chunk.shape, self.sharding, lambda i, c=chunk: c[i])
             keys = self._sample_keys(key, np.arange(r * batch, (r + 1) * batch, dtype=np.uint32))
-            x = self._fn(batch, conditioning)(params, keys, c, scale)
+            x_r = None
+            if x_T is not None:
+                part = x_T[r * batch : (r + 1) * batch]
+                x_r = jax.make_array_from_callback(
+                    part.shape, self.sharding, lambda i, p=part: p[i]
+                )
+            x = self._fn(batch, conditioning)(params, keys, c, scale, x_r)
             out.append(images.to_uint8(multihost_utils.process_allgather(x, tiled=True)))
             if progress is not None:
                 progress(r + 1, rounds)

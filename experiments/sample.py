@@ -3,6 +3,8 @@
     python -m experiments.sample --workdir=runs/digits --num_samples=100 --labels=3,7
     python -m experiments.sample --workdir=runs/ldm --prompt="a handwritten seven"
     python -m experiments.sample --pretrained=ddpm-cifar10-32 --method=ddpm --num_steps=1000
+    python -m experiments.sample --pretrained=stable-diffusion-v1-5 --prompt="a red fox" \
+        --negative_prompt="blurry" --method=dpmpp_2m --num_steps=25 --num_samples=4
 
 ``--workdir RUN`` samples the EMA parameters of a training run's newest checkpoint (pixel or
 latent); ``--pretrained DIR`` a diffusers DDPM folder (``ddpm_jax.weights.load_diffusers_pipeline``:
@@ -19,6 +21,13 @@ this reproduces its ``samples.npz``, on any number of devices (a latent run's to
 (``images`` uint8 [N, H, W, C], ``labels`` int32 [N], the class each sample shows or -1) and
 ``OUT/samples.png`` (default ``OUT``: ``RUN/sampled/<method>_<steps>_g<scale>_seed<seed>``, or
 ``./sampled/<DIR name>/...``). A user's mistake is one line on stderr with exit code 2.
+
+A Stable Diffusion pipeline folder (``model_index.json`` with a text encoder) samples ``--prompt``
+with ``--negative_prompt``, ``--guidance_scale`` (default 7.5), ``--method=ddim|dpmpp_2m`` on
+diffusers' grids, ``--height`` / ``--width``, and image-to-image with ``--image=INIT.png
+--strength=0.6`` (``ddpm_jax.latent.stable_diffusion.SDPipeline``). ``--noise=FILE.npy``
+(float32 NHWC ``[num_samples, ...]``, latents for a latent model) replaces the seed's x_T (for
+image-to-image: the noise added to the encoded image), to compare with other implementations.
 """
 
 from __future__ import annotations
@@ -44,6 +53,13 @@ def _define_flags() -> flags.FlagValues:
     flags.DEFINE_string("prompt", None, "A text prompt (latent runs).", **f)
     flags.DEFINE_integer("seed", None, "Sampling seed (default: the run's seed, or 0).", **f)
     flags.DEFINE_string("out", None, "Output directory.", **f)
+    flags.DEFINE_string("noise", None, "x_T as a float32 NHWC .npy, [num_samples, ...].", **f)
+    # Stable Diffusion pipelines only.
+    flags.DEFINE_string("negative_prompt", "", "The prompt guidance steers away from.", **f)
+    flags.DEFINE_string("image", None, "Image-to-image: the initial image file.", **f)
+    flags.DEFINE_float("strength", 0.8, "Image-to-image: the fraction of steps run.", **f)
+    flags.DEFINE_integer("height", None, "Image height (default: the UNet's size).", **f)
+    flags.DEFINE_integer("width", None, "Image width (default: the UNet's size).", **f)
     return fv
 
 
@@ -83,9 +99,15 @@ def _main(fv: flags.FlagValues) -> str:
 
     from ddpm_jax import images
     from ddpm_jax.generate import ProgressLine
+    from ddpm_jax.latent.stable_diffusion import is_pipeline_folder
     from ddpm_jax.runs import load
     from ddpm_jax.workdir import FINAL_TAG, is_writer, log, run_key, save_npz
 
+    if fv.pretrained is not None and fv.workdir is None and is_pipeline_folder(fv.pretrained):
+        return _stable_diffusion(fv)
+    sd_only = [n for n in ("image", "height", "width") if fv[n].value is not None]
+    if sd_only or fv.negative_prompt:
+        raise UsageError(f"--{(sd_only or ['negative_prompt'])[0]} is for Stable Diffusion only")
     run = load(fv.workdir, fv.pretrained)
     settings = cli.sample_settings(fv, run.sample_settings, run.schedule.num_timesteps)
     generator = run.generator(settings)
@@ -96,9 +118,73 @@ def _main(fv: flags.FlagValues) -> str:
     label = f"sampling {fv.num_samples} images ({settings.method}, {settings.num_steps} steps)"
     progress = ProgressLine(label, fv.num_samples)
     key = run_key(seed, FINAL_TAG)
-    imgs, labels = generator(run.ema_params, key, fv.num_samples, progress=progress, **cond)
+    noise = _noise(fv, run.image_shape)
+    imgs, labels = generator(
+        run.ema_params, key, fv.num_samples, progress=progress, x_T=noise, **cond
+    )
     if is_writer():  # labels: the class each sample shows (a latent run's prompts name one)
         save_npz(os.path.join(out, "samples.npz"), images=imgs, labels=run.classes_of(labels))
+        cols = int(np.ceil(np.sqrt(len(imgs))))
+        images.save_png_grid(os.path.join(out, "samples.png"), imgs, cols)
+        log(f"wrote {out}/samples.npz and samples.png ({jax.device_count()} devices)")
+    return out
+
+
+def _noise(fv: flags.FlagValues, shape) -> np.ndarray | None:
+    """``--noise``: float32 [num_samples, *shape] from a .npy file, or None."""
+    if fv.noise is None:
+        return None
+    try:
+        noise = np.load(fv.noise, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--noise={fv.noise}: cannot read a .npy array ({e})") from None
+    expected = (fv.num_samples, *shape)
+    if noise.shape != expected or not np.issubdtype(noise.dtype, np.floating):
+        raise UsageError(
+            f"--noise={fv.noise}: {noise.dtype} {noise.shape}, expected float32 {expected} "
+            "(--num_samples, then the model's NHWC input: latents for a latent model)"
+        )
+    return noise.astype(np.float32)
+
+
+def _stable_diffusion(fv: flags.FlagValues) -> str:
+    """``--pretrained`` names a Stable Diffusion pipeline folder: ``SDPipeline``."""
+    import jax
+
+    from ddpm_jax import images
+    from ddpm_jax.generate import ProgressLine
+    from ddpm_jax.latent import stable_diffusion as sdp
+    from ddpm_jax.weights import load_stable_diffusion
+    from ddpm_jax.workdir import FINAL_TAG, is_writer, log, run_key, save_npz
+
+    if fv.prompt is None or fv.labels is not None:
+        raise UsageError("a Stable Diffusion pipeline needs --prompt (and takes no --labels)")
+    sd = load_stable_diffusion(fv.pretrained)
+    settings = cli.sample_settings(fv, sdp.SD_SETTINGS, sd.schedule.num_timesteps)
+    image = None if fv.image is None else sdp.load_image(fv.image)
+    height, width = (fv.height, fv.width) if image is None else image.shape[:2]
+    if image is not None and (fv.height or height, fv.width or width) != (height, width):
+        raise UsageError(f"--height/--width differ from --image's size {height}x{width}")
+    pipe = sdp.SDPipeline(sd, settings, height=height, width=width)
+    noise = _noise(fv, pipe.latent_shape)
+    seed = fv.seed or 0
+    name = os.path.basename(os.path.abspath(fv.pretrained))
+    default = os.path.join("sampled", name, "sampled", f"{settings.name()}_seed{seed}")
+    out = os.path.abspath(fv.out or default)
+    label = f"sampling {fv.num_samples} images ({settings.method}, {settings.num_steps} steps)"
+    imgs = pipe(
+        run_key(seed, FINAL_TAG),
+        fv.num_samples,
+        prompt=fv.prompt,
+        negative_prompt=fv.negative_prompt,
+        image=image,
+        strength=fv.strength,
+        noise=noise,
+        progress=ProgressLine(label, fv.num_samples),
+    )
+    if is_writer():
+        labels = np.full(len(imgs), -1, np.int32)
+        save_npz(os.path.join(out, "samples.npz"), images=imgs, labels=labels)
         cols = int(np.ceil(np.sqrt(len(imgs))))
         images.save_png_grid(os.path.join(out, "samples.png"), imgs, cols)
         log(f"wrote {out}/samples.npz and samples.png ({jax.device_count()} devices)")

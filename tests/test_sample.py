@@ -116,6 +116,26 @@ def test_samples_of_a_published_pipeline_folder(tmp_path, capsys):
         assert f["images"].std() > 0
     assert "sampling 5 images (ddpm, 10 steps)" in capsys.readouterr().out
 
+    # --noise: the x_T the seed draws gives the seed's samples; another shape is one line.
+    import jax
+
+    from ddpm_jax.workdir import FINAL_TAG, run_key
+
+    keys = [jax.random.fold_in(run_key(0, FINAL_TAG), i) for i in range(5)]
+    x_T = np.stack([jax.random.normal(jax.random.split(k)[0], (8, 8, 3)) for k in keys])
+    np.save(tmp_path / "x_T.npy", x_T)
+    args = ["sample", f"--pretrained={folder}", "--num_samples=5", "--method=ddpm"]
+    args += ["--num_steps=10", f"--noise={tmp_path / 'x_T.npy'}"]
+    again = sample.main([*args, f"--out={tmp_path / 'noise'}"])
+    with np.load(os.path.join(out, "samples.npz")) as f, np.load(f"{again}/samples.npz") as g:
+        np.testing.assert_array_equal(f["images"], g["images"])
+    np.save(tmp_path / "x_T.npy", x_T[:, :4])
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main([*args, f"--out={tmp_path / 'bad'}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--noise" in err[0] and "(5, 8, 8, 3)" in err[0], err
+
 
 def test_a_damaged_weights_file_is_one_line_and_exit_2(tmp_path, capsys):
     folder = tmp_path / "ddpm-damaged"
