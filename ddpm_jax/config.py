@@ -47,7 +47,6 @@ defaults are Ho et al. 2020, CIFAR-10):
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
@@ -60,6 +59,30 @@ from ddpm_jax import (
     losses,
     parallel,
     schedules,
+)
+from ddpm_jax.config_fields import (
+    boolean as _bool,
+)
+from ddpm_jax.config_fields import (
+    choice as _choice,
+)
+from ddpm_jax.config_fields import (
+    fail as _fail,
+)
+from ddpm_jax.config_fields import (
+    get as _get,
+)
+from ddpm_jax.config_fields import (
+    int_tuple as _int_tuple,
+)
+from ddpm_jax.config_fields import (
+    integer as _int,
+)
+from ddpm_jax.config_fields import (
+    number as _float,
+)
+from ddpm_jax.config_fields import (
+    path as _path,
 )
 from ddpm_jax.errors import UsageError
 from ddpm_jax.models import layers, ops
@@ -176,69 +199,6 @@ def latent_config() -> ml_collections.ConfigDict:
     c.text_max_length = 6
     c.samples_per_prompt = 25
     return c
-
-
-# ----------------------------------------------------------------------------- field checks
-
-
-def _fail(field: str, value: Any, allowed: str) -> None:
-    raise UsageError(f"config.{field}={value!r} is invalid: {allowed}")
-
-
-def _int(c, field: str, minimum: int, *, optional: bool = False) -> None:
-    value = _get(c, field)
-    if optional and value is None:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        _fail(field, value, f"expected an integer >= {minimum}" + (" or None" if optional else ""))
-
-
-def _float(c, field: str, lo: float, hi: float, *, lo_open=False, hi_open=False, optional=False):
-    value = _get(c, field)
-    if optional and value is None:
-        return
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if ok:
-        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-    if not ok:
-        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
-        _fail(field, value, f"expected a number in {left}{lo}, {hi}{right}")
-
-
-def _choice(c, field: str, choices: tuple[str, ...]) -> None:
-    value = _get(c, field)
-    if value not in choices:
-        _fail(field, value, f"expected one of {list(choices)}")
-
-
-def _bool(c, field: str, *, optional: bool = False) -> None:
-    value = _get(c, field)
-    if not (isinstance(value, bool) or (optional and value is None)):
-        _fail(field, value, "expected True or False" + (" or None" if optional else ""))
-
-
-def _int_tuple(c, field: str, *, allow_empty: bool) -> None:
-    value = _get(c, field)
-    ok = isinstance(value, tuple | list) and (allow_empty or len(value) > 0)
-    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
-    if not ok:
-        empty = "a possibly empty" if allow_empty else "a non-empty"
-        _fail(field, value, f"expected {empty} tuple of positive integers")
-
-
-def _path(c, field: str) -> None:
-    value = _get(c, field)
-    if value is not None and not isinstance(value, str):
-        _fail(field, value, "expected a path or None")
-
-
-def _get(c, field: str) -> Any:
-    node = c
-    for part in field.split("."):
-        if part not in node:
-            raise UsageError(f"config.{field} is missing; default_config() defines it")
-        node = node[part]
-    return node
 
 
 def _check_known_keys(config) -> None:

@@ -32,11 +32,9 @@ import jax
 import numpy as np
 
 from ddpm_jax import images as images_lib
+from ddpm_jax.digits_source import DIGITS, ArraySource, digits_arrays
 from ddpm_jax.errors import UsageError
 from ddpm_jax.tfds_source import DataUnavailableError, base_name, load_tfds_source, tfds_image_spec
-
-DIGITS = "digits"
-_DIGITS_TEST_SIZE = 360
 
 # Datasets whose images are invariant to a horizontal flip (flipped by default).
 _FLIP_BY_DEFAULT = frozenset(
@@ -74,52 +72,6 @@ class Dataset(Protocol):
         """``batch(start_step), batch(start_step + 1), ...``; with ``examples_seen``, the batches
         of the same stream that start at that flat position (a run whose batch size changed)."""
         ...
-
-
-# ----------------------------------------------------------------------------- digits
-
-
-def digits_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's bundled 8×8 handwritten digits (1,797 images, 10 classes), offline.
-
-    The stratified split is ``train_test_split(arange(1797), test_size=360, random_state=0,
-    stratify=labels)``: 1,437 train and 360 test examples, sorted by original index.
-
-    Args:
-      split: ``"train"``, ``"test"`` or ``"all"``.
-
-    Returns:
-      images: ``[N, 8, 8, 1]`` uint8, sklearn's 0..16 intensities mapped by ``round(v * 255 / 16)``.
-      labels: ``[N]`` int32 in ``[0, 10)``.
-    """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    if split not in ("train", "test", "all"):
-        raise ValueError(f"split={split!r} is not valid for 'digits'; use 'train', 'test' or 'all'")
-    digits = load_digits()
-    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    labels = digits.target.astype(np.int32)
-    if split == "all":
-        return images, labels
-    train_idx, test_idx = train_test_split(
-        np.arange(len(labels)), test_size=_DIGITS_TEST_SIZE, random_state=0, stratify=labels
-    )
-    idx = np.sort(train_idx if split == "train" else test_idx)
-    return images[idx], labels[idx]
-
-
-class _ArraySource:
-    """Random-access source over in-memory arrays: ``source[i] -> {"image", "label"}``."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
-        self._images, self._labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self._images)
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return {"image": self._images[index], "label": self._labels[index]}
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -351,7 +303,7 @@ def make_dataset(
         raise UsageError(f"name={name!r} must be a dataset name such as 'cifar10' or 'digits'")
     if name == DIGITS:
         images, labels = digits_arrays(split)
-        source, num_classes = _ArraySource(images, labels), 10
+        source, num_classes = ArraySource(images, labels), 10
     else:
         source, num_classes = load_tfds_source(
             name, split=split, data_dir=data_dir, manual_dir=manual_dir
@@ -410,7 +362,7 @@ def array_dataset(
     ):
         raise ValueError(f"labels must lie in [0, num_classes={num_classes})")
     return ImageDataset(
-        _ArraySource(images, labels),
+        ArraySource(images, labels),
         name=name,
         num_classes=num_classes,
         global_batch_size=global_batch_size,
