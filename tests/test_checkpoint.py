@@ -4,10 +4,10 @@ with nothing moved), and read-only readers."""
 
 import errno
 import glob
-import hashlib
 import json
 import os
 
+import _worker_runs as wr
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -163,19 +163,6 @@ def test_a_state_of_another_structure_is_a_usage_error_not_damage(dp, tmp_path):
     assert sorted(os.listdir(d)) == ["4", "8"] and not os.path.exists(d + ".corrupt")
 
 
-def _digest(directory):
-    """{relative path: sha256} of every file and directory under ``directory``."""
-    out = {}
-    for root, dirs, files in os.walk(directory):
-        for name in dirs:
-            out[os.path.relpath(os.path.join(root, name), directory) + "/"] = None
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as fh:
-                out[os.path.relpath(path, directory)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
-
-
 def test_read_only_ignores_a_save_in_progress_and_changes_nothing(dp, tmp_path):
     d = str(tmp_path / "ckpt")
     _save_steps(dp, d, (4, 6))
@@ -183,7 +170,7 @@ def test_read_only_ignores_a_save_in_progress_and_changes_nothing(dp, tmp_path):
     os.makedirs(f"{d}/7.orbax-checkpoint-tmp-123/default")
     with open(f"{d}/7.orbax-checkpoint-tmp-123/default/_METADATA", "w") as fh:
         fh.write("{partial")
-    before = _digest(str(tmp_path))
+    before = wr.digest(str(tmp_path))
     ckpt = Checkpointer(d, read_only=True)
     assert ckpt.all_steps() == [4, 6]
     restored, step = ckpt.restore_latest(_abstract(dp))
@@ -192,7 +179,7 @@ def test_read_only_ignores_a_save_in_progress_and_changes_nothing(dp, tmp_path):
     with pytest.raises(RuntimeError, match="read-only"):
         ckpt.save(8, _state_at(dp, 8))
     ckpt.close()
-    assert _digest(str(tmp_path)) == before  # the temporary directory too, byte for byte
+    assert wr.digest(str(tmp_path)) == before  # the temporary directory too, byte for byte
 
     missing = str(tmp_path / "none")
     ckpt = Checkpointer(missing, read_only=True)
@@ -206,14 +193,14 @@ def test_read_only_skips_a_damaged_checkpoint_and_leaves_it(dp, tmp_path, capfd)
     d = str(tmp_path / "ckpt")
     _save_steps(dp, d, (4, 8))
     os.remove(f"{d}/8/default/_METADATA")
-    before = _digest(str(tmp_path))
+    before = wr.digest(str(tmp_path))
     ckpt = Checkpointer(d, read_only=True)
     restored, step = ckpt.restore_latest(_abstract(dp))
     ckpt.close()
     assert step == 4
     _assert_state_equal(restored, _state_at(dp, 4))
     assert "checkpoint 8" in capfd.readouterr().err
-    assert _digest(str(tmp_path)) == before
+    assert wr.digest(str(tmp_path)) == before
 
 
 # What reading a checkpoint raised, and what it says about the checkpoint. The tensorstore and
@@ -270,7 +257,7 @@ def _read_raising(error):
 def test_a_fault_while_restoring_stops_and_moves_nothing(dp, tmp_path, monkeypatch, error, raised):
     d = str(tmp_path / "ckpt")
     _save_steps(dp, d, (4, 8))
-    before = _digest(str(tmp_path))
+    before = wr.digest(str(tmp_path))
     monkeypatch.setattr(Checkpointer, "_read", _read_raising(error))
     ckpt = Checkpointer(d, max_to_keep=10)
     with pytest.raises(raised) as info:
@@ -279,7 +266,7 @@ def test_a_fault_while_restoring_stops_and_moves_nothing(dp, tmp_path, monkeypat
     message = str(info.value)
     assert "checkpoint 8" in message and "nothing was moved" in message
     assert "\n" not in message
-    assert _digest(str(tmp_path)) == before and not os.path.exists(d + ".corrupt")
+    assert wr.digest(str(tmp_path)) == before and not os.path.exists(d + ".corrupt")
 
 
 def test_write_failure_recognises_a_full_disk_in_orbax_background_write():

@@ -9,7 +9,6 @@ progress) is left alone and ignored, and the training run is not disturbed.
   checkpoint steps of an undisturbed run, bit for bit (slow).
 """
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -25,19 +24,6 @@ from experiments import evaluate, sample
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _digest(directory):
-    """{relative path: sha256} of every file and directory under ``directory``."""
-    out = {}
-    for root, dirs, files in os.walk(directory):
-        for name in dirs:
-            out[os.path.relpath(os.path.join(root, name), directory) + "/"] = None
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as fh:
-                out[os.path.relpath(path, directory)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
-
-
 def test_sample_and_evaluate_leave_a_save_in_progress_alone(reference, tmp_path, capsys):
     ref_dir, _ = reference
     workdir = str(tmp_path / "run")
@@ -47,7 +33,7 @@ def test_sample_and_evaluate_leave_a_save_in_progress_alone(reference, tmp_path,
     os.makedirs(os.path.join(in_flight, "default"))
     with open(os.path.join(in_flight, "default", "_METADATA"), "w") as f:
         f.write('{"partial": ')
-    before = _digest(ckpt_dir)
+    before = wr.digest(ckpt_dir)
 
     out = sample.main(["sample", f"--workdir={workdir}", "--num_samples=4"])
     assert out.startswith(os.path.join(workdir, "sampled") + os.sep)
@@ -63,7 +49,7 @@ def test_sample_and_evaluate_leave_a_save_in_progress_alone(reference, tmp_path,
         ]
     )
     assert os.listdir(os.path.join(workdir, "eval"))
-    assert _digest(ckpt_dir) == before  # the in-flight folder too, byte for byte
+    assert wr.digest(ckpt_dir) == before  # the in-flight folder too, byte for byte
     assert not os.path.exists(ckpt_dir + ".corrupt")
     assert "checkpoint of step 12" not in capsys.readouterr().err  # no warning: 12 is complete
 
