@@ -32,6 +32,8 @@ import optax
 from ddpm_jax import data, parallel, schedules
 from ddpm_jax import state as state_lib
 from ddpm_jax.errors import UsageError
+from ddpm_jax.formulation import DEFAULTS as FORMULATION_DEFAULTS
+from ddpm_jax.formulation import Formulation
 from ddpm_jax.models.autoencoder import AutoencoderKL
 from ddpm_jax.models.layers import DTYPES
 from ddpm_jax.models.text import PromptUNet, TextEncoder, Tokenizer, prompt_table
@@ -107,6 +109,14 @@ def build_schedule(config: Config) -> schedules.Schedule:
     d = config.diffusion
     kwargs = dict(beta_start=d.beta_start, beta_end=d.beta_end) if d.schedule == "linear" else {}
     return schedules.get(d.schedule, d.num_timesteps, **kwargs)
+
+
+def formulation(config: Config) -> Formulation:
+    """The formulation of ``config.diffusion`` (``ddpm_jax.formulation``; a run's config from
+    before these fields is DDPM). Not checked here: ``config.validate`` checks it."""
+    d = config.diffusion
+    values = {k: d.get(k, default) for k, default in FORMULATION_DEFAULTS.items()}
+    return Formulation(kind=values.pop("formulation"), **values)
 
 
 def sample_settings(config: Config, section: str = "sample") -> SampleSettings:
@@ -247,6 +257,7 @@ def step_settings(config: Config) -> state_lib.StepSettings:
         min_snr_gamma=d.min_snr_gamma,
         ema_decay=t.ema_decay,
         p_uncond=t.p_uncond,
+        formulation=formulation(config),
     )
 
 
@@ -295,6 +306,7 @@ __all__ = [
     "build_vae",
     "check_image_shape",
     "data_spec",
+    "formulation",
     "init_state",
     "init_state_fn",
     "sample_settings",

@@ -17,9 +17,11 @@ defaults are Ho et al. 2020, CIFAR-10):
   num_groups, resblock_conditioning``, ``dtype`` ("float32" | "bfloat16"), ``kernels`` ("auto":
   the CPU-tuned kernels on CPU, plain XLA elsewhere; "xla"; "cpu") and
   ``class_conditional`` (labels from the dataset, null label = ``num_classes``).
-- ``diffusion``: ``schedule`` ("linear" | "cosine" | "sigmoid"), ``num_timesteps``, ``beta_start``,
-  ``beta_end`` (linear only), ``prediction`` ("eps" | "x0" | "v"), ``weighting``
-  ("uniform" | "min_snr"), ``min_snr_gamma``.
+- ``diffusion``: ``formulation`` ("ddpm" | "edm" | "flow") and its fields ``sigma_data, p_mean,
+  p_std, sigma_min, sigma_max, rho, t_distribution, shift`` (``ddpm_jax.formulation``); DDPM's
+  ``schedule`` ("linear" | "cosine" | "sigmoid"), ``num_timesteps``, ``beta_start``, ``beta_end``
+  (linear only), ``prediction`` ("eps" | "x0" | "v"), ``weighting`` ("uniform" | "min_snr"),
+  ``min_snr_gamma``.
 - ``train``: ``num_steps``, ``batch_size`` (global, over all devices of all processes), Adam's
   ``lr, b1, b2, eps``, ``warmup_steps`` (linear), ``grad_clip`` (global norm; 0 disables),
   ``ema_decay``, ``log_every``, ``checkpoint_every``, ``keep_checkpoints``, ``sample_every``
@@ -47,7 +49,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from ddpm_jax import builders, diffusion, losses, parallel, schedules
+from ddpm_jax import builders, diffusion, formulation, losses, parallel, schedules
 from ddpm_jax.errors import UsageError
 from ddpm_jax.models import layers, ops
 from ddpm_jax.models.unet import CIFAR10_DDPM
@@ -84,7 +86,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.kernels = "auto"  # "xla" | "cpu" | "auto": the tuned CPU kernels on CPU only
     c.model.class_conditional = False
 
-    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion = ml_collections.ConfigDict(dict(formulation.DEFAULTS))  # "ddpm": Ho et al.
     c.diffusion.schedule = "linear"
     c.diffusion.num_timesteps = 1000
     c.diffusion.beta_start = 1e-4
@@ -328,8 +330,8 @@ def validate(
     for section in ("sample", "eval"):  # present, so that the settings can be built
         for field in default_config()[section].keys() if section in config else ():
             _get(config, f"{section}.{field}")
-    T = config.diffusion.num_timesteps
-    builders.sample_settings(config).check(T, prefix="config.sample.")
+    T, methods = config.diffusion.num_timesteps, builders.formulation(config).check().methods
+    builders.sample_settings(config).check(T, prefix="config.sample.", methods=methods)
     if "eval" in config:
         _int(config, "eval.every", 0)
         _int(config, "eval.num_samples", 2)
@@ -337,7 +339,7 @@ def validate(
             _path(config, field)
         # The fields eval sets over sample's; T bounds its steps only when it evaluates.
         settings = builders.sample_settings(config, "eval")
-        settings.check(T if config.eval.every else None, prefix="config.eval.")
+        settings.check(T if config.eval.every else None, prefix="config.eval.", methods=methods)
     if "latent" in config:
         _validate_latent(config)
 

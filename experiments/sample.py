@@ -87,7 +87,8 @@ def _main(fv: flags.FlagValues) -> str:
     from ddpm_jax.workdir import FINAL_TAG, is_writer, log, run_key, save_npz
 
     run = load(fv.workdir, fv.pretrained)
-    settings = cli.sample_settings(fv, run.sample_settings, run.schedule.num_timesteps)
+    T, methods = run.schedule.num_timesteps, run.formulation.methods
+    settings = cli.sample_settings(fv, run.sample_settings, T, methods)
     generator = run.generator(settings)
     cond = _conditioning(run, fv)
     seed = fv.seed if fv.seed is not None else (run.config.seed if run.config else 0)
