@@ -30,10 +30,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ddpm_jax import data, folder_source, parallel, schedules
-from ddpm_jax import state as state_lib
+from ddpm_jax import data, folder_source, parallel, schedules, state as state_lib
 from ddpm_jax.errors import UsageError
 from ddpm_jax.folder_images import Preprocessing
+from ddpm_jax.formulation import DEFAULTS as FORMULATION_DEFAULTS, Formulation
 from ddpm_jax.models.autoencoder import AutoencoderKL
 from ddpm_jax.models.layers import DTYPES
 from ddpm_jax.models.text import PromptUNet, TextEncoder, Tokenizer, prompt_table
@@ -111,6 +111,14 @@ def build_schedule(config: Config) -> schedules.Schedule:
     d = config.diffusion
     kwargs = dict(beta_start=d.beta_start, beta_end=d.beta_end) if d.schedule == "linear" else {}
     return schedules.get(d.schedule, d.num_timesteps, **kwargs)
+
+
+def formulation(config: Config) -> Formulation:
+    """The formulation of ``config.diffusion`` (``ddpm_jax.formulation``; a run's config from
+    before these fields is DDPM). Not checked here: ``config.validate`` checks it."""
+    d = config.diffusion
+    values = {k: d.get(k, default) for k, default in FORMULATION_DEFAULTS.items()}
+    return Formulation(kind=values.pop("formulation"), **values)
 
 
 def sample_settings(config: Config, section: str = "sample") -> SampleSettings:
@@ -295,6 +303,7 @@ def step_settings(config: Config) -> state_lib.StepSettings:
         min_snr_gamma=d.min_snr_gamma,
         ema_decay=t.ema_decay,
         p_uncond=t.p_uncond,
+        formulation=formulation(config),
     )
 
 
@@ -344,6 +353,7 @@ __all__ = [
     "check_image_shape",
     "data_spec",
     "folder_preprocessing",
+    "formulation",
     "init_state",
     "init_state_fn",
     "prepare_folder",

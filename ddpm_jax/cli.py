@@ -117,9 +117,11 @@ def define_sample_flags(fv: flags.FlagValues) -> None:
         define.get(kind, flags.DEFINE_float)(field.name, None, help_, flag_values=fv)
 
 
-def sample_settings(fv: flags.FlagValues, defaults: Any, num_timesteps: int) -> Any:
+def sample_settings(
+    fv: flags.FlagValues, defaults: Any, num_timesteps: int, methods: Any = None
+) -> Any:
     """``defaults`` (a ``SampleSettings``) with the sampling flags that were given, checked
-    against ``num_timesteps``.
+    against ``num_timesteps`` and the model's sampler ``methods`` (``Formulation.methods``).
 
     Raises:
       UsageError: naming the flag.
@@ -127,7 +129,7 @@ def sample_settings(fv: flags.FlagValues, defaults: Any, num_timesteps: int) -> 
     import dataclasses
 
     given = {f.name: fv[f.name].value for f in dataclasses.fields(defaults)}
-    return defaults.override(**given).check(num_timesteps, prefix="--")
+    return defaults.override(**given).check(num_timesteps, prefix="--", methods=methods)
 
 
 def _define_flags(config: ml_collections.ConfigDict, argv: Sequence[str]) -> flags.FlagValues:
@@ -223,6 +225,7 @@ def main(
     argv: Sequence[str] | None = None,
     *,
     run_fn: Callable[[ml_collections.ConfigDict, str], Any] | None = None,
+    adapt: Callable[[ml_collections.ConfigDict], None] | None = None,
 ):
     """Parses flags, initializes multi-process JAX if needed, validates and trains.
 
@@ -232,6 +235,9 @@ def main(
       run_fn: ``run_fn(config, workdir, start_over=False, allow_change=())`` runs the
         experiment (default ``ddpm_jax.train.run``); it reports a user's mistake by raising
         ``UsageError``.
+      adapt: ``adapt(config)``, the experiment's defaults that depend on the overrides (e.g. the
+        sampler of the formulation given on the command line), applied to the config after the
+        ``--config.*`` flags and before validation.
 
     Exits the process: 0 on success or preemption, 1 on a non-finite loss or a bug, 2 on bad
     input.
@@ -252,12 +258,13 @@ def main(
         _fail(f"bad command line: {e}")
     if extra:
         _fail(f"unexpected positional arguments {extra}")
+    if adapt is not None:
+        adapt(fv.config)
     return guarded(_run, fv, run_fn)
 
 
 def _run(fv: flags.FlagValues, run_fn) -> Any:
-    from ddpm_jax import config as config_lib
-    from ddpm_jax import resume, train, workdir
+    from ddpm_jax import config as config_lib, resume, train, workdir
 
     path = workdir.check_workdir(fv.workdir)
     config_lib.validate(fv.config)  # without devices first: no JAX backend needed yet

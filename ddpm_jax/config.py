@@ -22,9 +22,11 @@ defaults are Ho et al. 2020, CIFAR-10):
   the CPU-tuned kernels on CPU, plain XLA elsewhere; "xla"; "cpu") and
   ``class_conditional`` (labels from the dataset, null label = ``num_classes``; None: when the
   dataset has two classes or more).
-- ``diffusion``: ``schedule`` ("linear" | "cosine" | "sigmoid"), ``num_timesteps``, ``beta_start``,
-  ``beta_end`` (linear only), ``prediction`` ("eps" | "x0" | "v"), ``weighting``
-  ("uniform" | "min_snr"), ``min_snr_gamma``.
+- ``diffusion``: ``formulation`` ("ddpm" | "edm" | "flow") and its fields ``sigma_data, p_mean,
+  p_std, sigma_min, sigma_max, rho, t_distribution, shift`` (``ddpm_jax.formulation``); DDPM's
+  ``schedule`` ("linear" | "cosine" | "sigmoid"), ``num_timesteps``, ``beta_start``, ``beta_end``
+  (linear only), ``prediction`` ("eps" | "x0" | "v"), ``weighting`` ("uniform" | "min_snr"),
+  ``min_snr_gamma``.
 - ``train``: ``num_steps``, ``batch_size`` (global, over all devices of all processes), Adam's
   ``lr, b1, b2, eps``, ``warmup_steps`` (linear), ``grad_clip`` (global norm; 0 disables),
   ``ema_decay``, ``log_every``, ``checkpoint_every``, ``keep_checkpoints``, ``sample_every``
@@ -56,32 +58,19 @@ from ddpm_jax import (
     diffusion,
     folder_images,
     folder_source,
+    formulation,
     losses,
     parallel,
     schedules,
 )
 from ddpm_jax.config_fields import (
     boolean as _bool,
-)
-from ddpm_jax.config_fields import (
     choice as _choice,
-)
-from ddpm_jax.config_fields import (
     fail as _fail,
-)
-from ddpm_jax.config_fields import (
     get as _get,
-)
-from ddpm_jax.config_fields import (
     int_tuple as _int_tuple,
-)
-from ddpm_jax.config_fields import (
     integer as _int,
-)
-from ddpm_jax.config_fields import (
     number as _float,
-)
-from ddpm_jax.config_fields import (
     path as _path,
 )
 from ddpm_jax.errors import UsageError
@@ -126,7 +115,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.kernels = "auto"  # "xla" | "cpu" | "auto": the tuned CPU kernels on CPU only
     c.model.class_conditional = False
 
-    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion = ml_collections.ConfigDict(dict(formulation.DEFAULTS))  # "ddpm": Ho et al.
     c.diffusion.schedule = "linear"
     c.diffusion.num_timesteps = 1000
     c.diffusion.beta_start = 1e-4
@@ -308,8 +297,8 @@ def validate(
     for section in ("sample", "eval"):  # present, so that the settings can be built
         for field in default_config()[section].keys() if section in config else ():
             _get(config, f"{section}.{field}")
-    T = config.diffusion.num_timesteps
-    builders.sample_settings(config).check(T, prefix="config.sample.")
+    T, methods = config.diffusion.num_timesteps, builders.formulation(config).check().methods
+    builders.sample_settings(config).check(T, prefix="config.sample.", methods=methods)
     if "eval" in config:
         _int(config, "eval.every", 0)
         _int(config, "eval.num_samples", 2)
@@ -317,7 +306,7 @@ def validate(
             _path(config, field)
         # The fields eval sets over sample's; T bounds its steps only when it evaluates.
         settings = builders.sample_settings(config, "eval")
-        settings.check(T if config.eval.every else None, prefix="config.eval.")
+        settings.check(T if config.eval.every else None, prefix="config.eval.", methods=methods)
     if "latent" in config:
         _validate_latent(config)
 

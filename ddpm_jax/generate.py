@@ -21,6 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from ddpm_jax import guidance, images, samplers, schedules
+from ddpm_jax.formulation import DDPM, Formulation
 from ddpm_jax.models.text import PAD_ID
 from ddpm_jax.parallel import Layout, compiler_options
 from ddpm_jax.sample_settings import SampleSettings
@@ -50,7 +51,10 @@ class Generator:
       settings: the sampler, its steps, guidance scale (the default of each call, a traced
         value: changing it does not recompile) and round size (``batch_size``, rounded up to a
         multiple of the device count); checked against the schedule here.
-      prediction: what the model predicts, ``"eps"``, ``"x0"`` or ``"v"``.
+      prediction: what the model predicts, ``"eps"``, ``"x0"`` or ``"v"`` (DDPM).
+      formulation: what the model was trained for (``ddpm_jax.formulation``): "ddpm" samples
+        with ``samplers.sample``, "edm" and "flow" with ``Formulation.sample`` (the method is
+        checked against its ``methods``).
       decode_fn: optional jittable map of sampled arrays to images in [-1, 1] (a VAE decoder).
 
     Raises:
@@ -66,12 +70,13 @@ class Generator:
         settings: SampleSettings,
         *,
         prediction: str = "eps",
+        formulation: Formulation = DDPM,
         decode_fn: Callable[[jax.Array], jax.Array] | None = None,
     ):
         self.model, self.schedule, self.dp = model, schedule, dp
         self.image_shape = tuple(image_shape)
-        self.settings = settings.check(schedule.num_timesteps)
-        self.prediction, self.decode_fn = prediction, decode_fn
+        self.settings = settings.check(schedule.num_timesteps, methods=formulation.methods)
+        self.prediction, self.formulation, self.decode_fn = prediction, formulation, decode_fn
         self.sharding = dp.batch_sharding
         self._fns: dict[tuple[int, str], Callable] = {}
         # fold_in(key, i) for a round's global sample indices i, sharded like the round.
@@ -90,6 +95,7 @@ class Generator:
             self.image_shape,
             settings,
             prediction=self.prediction,
+            formulation=self.formulation,
             decode_fn=self.decode_fn,
         )
 
@@ -110,6 +116,12 @@ class Generator:
                     null = {"tokens": jnp.full(cond.shape[1:], PAD_ID, jnp.int32)}
                     guided = guidance.classifier_free(from_tokens, scale, null_cond=null)
                     model_fn = lambda x_t, t: guided(x_t, t, tokens=cond)
+                if self.formulation.kind != "ddpm":
+                    s = self.settings
+                    x = self.formulation.sample(
+                        model_fn, keys, shape, s.method, s.num_steps, x_T=x_T
+                    )
+                    return x if self.decode_fn is None else self.decode_fn(x)
                 x = samplers.sample(
                     model_fn,
                     self.schedule,

@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import ml_collections
 
 from ddpm_jax.errors import UsageError
+from ddpm_jax.formulation import DEFAULTS as FORMULATION_DEFAULTS
 from ddpm_jax.workdir import JsonLines, read_json
 
 HISTORY_FILE = "config_history.jsonl"
@@ -51,6 +52,8 @@ IDENTITY = tuple(
     # the diffusion process and the prediction target: what the network's output means
     "diffusion.schedule diffusion.num_timesteps diffusion.beta_start diffusion.beta_end "
     "diffusion.prediction "
+    # the formulation (DDPM, EDM or flow) and EDM's σ_d: what the network's input and output are
+    "diffusion.formulation diffusion.sigma_data "
     # latent runs: the frozen autoencoder (trained once, it defines the latent space) and the
     # prompts' text encoder, both part of what the network learned to read
     "latent.image_size latent.vae_block_out_channels latent.vae_layers_per_block "
@@ -70,6 +73,8 @@ TRAINING = tuple(
     "data.random_flip data.crop "
     # the loss: which timesteps the model is fit to, and how much
     "diffusion.weighting diffusion.min_snr_gamma "
+    # EDM's training σ and flow's training times (the shift also moves flow's sampling grid)
+    "diffusion.p_mean diffusion.p_std diffusion.t_distribution diffusion.shift "
     # label dropout: how much unconditional (guidance) training the model gets
     "train.p_uncond "
     # network dropout: the regularisation of every later step
@@ -96,11 +101,15 @@ FREE = tuple(
     # the samples and evaluations the run writes
     "sample.num_samples sample.method sample.num_steps sample.guidance_scale sample.eta "
     "sample.clip_x0 sample.variance sample.grid_size sample.batch_size "
+    # EDM's sampling grid
+    "diffusion.sigma_min diffusion.sigma_max diffusion.rho "
     "eval.every eval.num_samples eval.method eval.num_steps eval.guidance_scale "
     "eval.inception_path eval.cache_dir latent.samples_per_prompt".split()
 )
 
 _TRAINING, _FREE = frozenset(TRAINING), frozenset(FREE)
+# What a saved config from before a field existed meant by its absence (a DDPM run).
+_IMPLIED = {f"diffusion.{k}": v for k, v in FORMULATION_DEFAULTS.items()}
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -128,7 +137,7 @@ def resume_changes(saved: dict, given: dict) -> tuple[dict[str, tuple], dict[str
     old, new = _flatten(saved), _flatten(given)
     conflicts, changes = {}, {}
     for field in sorted(set(old) | set(new)):
-        a, b = old.get(field), new.get(field)
+        a, b = old.get(field, _IMPLIED.get(field)), new.get(field)
         if a == b:
             continue
         identity = field not in _TRAINING and field not in _FREE

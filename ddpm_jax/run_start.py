@@ -22,8 +22,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from ddpm_jax import config as config_lib
-from ddpm_jax import resume
+from ddpm_jax import config as config_lib, resume
 from ddpm_jax.errors import UsageError
 from ddpm_jax.workdir import (
     JsonLines,

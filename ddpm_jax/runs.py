@@ -19,10 +19,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from ddpm_jax import builders, folder_source, schedules
-from ddpm_jax import config as config_lib
+from ddpm_jax import builders, config as config_lib, folder_source, schedules
 from ddpm_jax.checkpoint import Checkpointer
 from ddpm_jax.errors import UsageError
+from ddpm_jax.formulation import DDPM, Formulation
 from ddpm_jax.generate import Generator
 from ddpm_jax.latent import frozen_vae
 from ddpm_jax.models.text import Tokenizer
@@ -57,6 +57,7 @@ class LoadedRun:
       sample_settings: the sampling settings (a run's ``config.sample``; DDIM with 50 steps for
         published weights), varied with ``replace``.
       prediction: what the model predicts (``"eps"``, ``"x0"`` or ``"v"``).
+      formulation: what the model was trained for (``ddpm_jax.formulation``; DDPM by default).
       data: the training dataset, when known.
       config: a run's config (None for published weights).
       decode_fn: latents → images in [-1, 1] for a latent run, else None.
@@ -80,6 +81,7 @@ class LoadedRun:
     decode_fn: Callable[[jax.Array], jax.Array] | None = None
     tokenizer: Tokenizer | None = None
     label_classes: np.ndarray | None = None
+    formulation: Formulation = DDPM
 
     def generator(self, settings: SampleSettings | None = None) -> Generator:
         """A :class:`~ddpm_jax.generate.Generator` of this model with ``settings`` (default:
@@ -95,6 +97,7 @@ class LoadedRun:
             self.image_shape,
             self.sample_settings if settings is None else settings,
             prediction=self.prediction,
+            formulation=self.formulation,
             decode_fn=self.decode_fn,
         )
 
@@ -185,6 +188,7 @@ def load_run(workdir: str | os.PathLike) -> LoadedRun:
         decode_fn=decode_fn,
         tokenizer=tokenizer,
         label_classes=label_classes,
+        formulation=builders.formulation(config),
     )
 
 

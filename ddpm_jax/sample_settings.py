@@ -28,7 +28,8 @@ class SampleSettings:
     """The settings of sampling from a model (see ``ddpm_jax.samplers.sample``).
 
     Attributes:
-      method: the sampler, one of ``samplers.METHODS``.
+      method: the sampler, one of ``samplers.METHODS`` (of an EDM or flow model: its
+        ``Formulation.methods``, "heun" or "euler").
       num_steps: network evaluations of the grid (``heun``: ``2 * num_steps - 1``), in [2, T].
       eta: DDIM's stochasticity (0: deterministic); other methods ignore it.
       guidance_scale: classifier-free guidance scale of conditional models (>= 0; 1: the
@@ -59,13 +60,17 @@ class SampleSettings:
         over a run's settings."""
         return self.replace(**{k: v for k, v in given.items() if v is not None})
 
-    def check(self, num_timesteps: int | None, prefix: str = "") -> SampleSettings:
+    def check(
+        self, num_timesteps: int | None, prefix: str = "", methods: tuple[str, ...] | None = None
+    ) -> SampleSettings:
         """Raises UsageError naming the first invalid field (``prefix + name``, e.g.
         ``config.sample.num_steps`` or ``--num_steps``); returns the settings.
 
         Args:
           num_timesteps: the schedule's T (``num_steps`` must be <= T); None: not checked.
           prefix: how the user names the fields.
+          methods: the allowed methods (a formulation's, ``Formulation.methods``); None:
+            ``samplers.METHODS``.
         """
 
         def fail(name: str, allowed: str) -> None:
@@ -79,8 +84,8 @@ class SampleSettings:
         def integer(value: Any) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
 
-        if self.method not in samplers.METHODS:
-            fail("method", f"expected one of {list(samplers.METHODS)}")
+        if self.method not in (samplers.METHODS if methods is None else methods):
+            fail("method", f"expected one of {list(methods or samplers.METHODS)}")
         if not integer(self.num_steps) or self.num_steps < 2:
             fail("num_steps", "expected an integer >= 2")
         if num_timesteps is not None and self.num_steps > num_timesteps:

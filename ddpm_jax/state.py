@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import optax
 
 from ddpm_jax import losses
+from ddpm_jax.formulation import DDPM, Formulation
 from ddpm_jax.schedules import Schedule
 
 PyTree = Any
@@ -152,6 +153,21 @@ def draw_example_randomness(
     return jax.vmap(one)(keys)
 
 
+def split_dropout_keys(keys: jax.Array, p_uncond: float) -> tuple[jax.Array, jax.Array]:
+    """Each example's key split into the key of its σ / t and noise (the EDM and flow losses,
+    ``Formulation.loss``) and its label-dropout flag.
+
+    Returns:
+      ``(keys [b], drop bool [b])``.
+    """
+
+    def one(key):
+        k_loss, k_drop = jax.random.split(key)
+        return k_loss, jax.random.bernoulli(k_drop, p_uncond)
+
+    return jax.vmap(one)(keys)
+
+
 @dataclasses.dataclass(frozen=True)
 class StepSettings:
     """The settings of the training step besides the network, schedule and optimizer.
@@ -162,6 +178,10 @@ class StepSettings:
       prediction / weighting / min_snr_gamma: the loss (``ddpm_jax.losses.diffusion_loss``).
       ema_decay: decay of ``ema_params``.
       p_uncond: label dropout probability (conditional models only).
+      formulation: what the network learns (``ddpm_jax.formulation``); for "edm" and "flow"
+        each example's key is split into the key of its σ / t and noise
+        (``Formulation.loss``) and that of its label dropout; "ddpm" uses ``prediction``,
+        ``weighting`` and ``min_snr_gamma`` with :func:`draw_example_randomness`.
     """
 
     seed: int
@@ -171,6 +191,7 @@ class StepSettings:
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.9999
     p_uncond: float = 0.1
+    formulation: Formulation = DDPM
 
     def replace(self, **changes: Any) -> StepSettings:
         """These settings with some fields changed."""
@@ -238,9 +259,12 @@ def make_train_step(
         """The loss and gradient of one device's rows (not yet averaged over devices)."""
         x0 = batch["image"]
         keys = example_keys(c.seed, step, batch["index"])
-        t, noise, drop = draw_example_randomness(
-            keys, x0.shape[1:], schedule.num_timesteps, c.p_uncond
-        )
+        if c.formulation.kind == "ddpm":
+            t, noise, drop = draw_example_randomness(
+                keys, x0.shape[1:], schedule.num_timesteps, c.p_uncond
+            )
+        else:
+            keys, drop = split_dropout_keys(keys, c.p_uncond)
         cond = {}
         if null_label is not None:
             cond["y"] = jnp.where(drop, null_label, batch["label"]).astype(jnp.int32)
@@ -252,6 +276,8 @@ def make_train_step(
             model_fn = lambda x_t, t_, **k: apply_fn(
                 params, x_t, t_, rng=dropout_key, example_index=rows, **k
             )
+            if c.formulation.kind != "ddpm":
+                return c.formulation.loss(model_fn, keys, x0, cond)
             return losses.diffusion_loss(
                 model_fn,
                 schedule,
@@ -297,4 +323,5 @@ __all__ = [
     "make_optimizer",
     "make_train_step",
     "pmean_grads",
+    "split_dropout_keys",
 ]

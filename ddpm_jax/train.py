@@ -180,6 +180,7 @@ class Trainer:
             ds.image_shape,
             builders.sample_settings(config),
             prediction=config.diffusion.prediction,
+            formulation=builders.formulation(config),
             decode_fn=decode_fn,
         )
         self.evaluation = None

@@ -24,8 +24,7 @@ import time
 import ml_collections
 import numpy as np
 
-from ddpm_jax import cli, data, runs
-from ddpm_jax import config as config_lib
+from ddpm_jax import cli, config as config_lib, data, runs
 from ddpm_jax.latent import pipeline, prompts
 from ddpm_jax.preemption import PreemptionGuard
 

@@ -76,15 +76,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 def _main(fv: flags.FlagValues) -> dict:
 
-    from ddpm_jax.evaluation import report
-    from ddpm_jax.evaluation import sweep as ev
+    from ddpm_jax.evaluation import report, sweep as ev
     from ddpm_jax.runs import DataRef, load
     from ddpm_jax.workdir import is_writer, log
 
     data = DataRef(fv.dataset, fv.data_dir, fv.manual_dir) if fv.dataset else None
     run = load(fv.workdir, fv.pretrained, data=data)
-    T = run.schedule.num_timesteps
-    settings = cli.sample_settings(fv, run.sample_settings, T)
+    T, methods = run.schedule.num_timesteps, run.formulation.methods
+    settings = cli.sample_settings(fv, run.sample_settings, T, methods)
     if fv.num_samples < 2:
         raise UsageError(f"--num_samples={fv.num_samples} is invalid: expected an integer >= 2")
     if fv.sweep:
@@ -96,7 +95,7 @@ def _main(fv: flags.FlagValues) -> dict:
         try:
             for m, ns in steps.items():
                 for n in ns:
-                    settings.replace(method=m, num_steps=n).check(T)
+                    settings.replace(method=m, num_steps=n).check(T, methods=methods)
         except UsageError as e:
             raise UsageError(f"--sweep_steps={fv.sweep_steps!r}: {e}") from None
     run_evaluator = ev.RunEvaluator(

@@ -35,8 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ddpm_jax import cli, data, images, runs
-from ddpm_jax import config as config_lib
+from ddpm_jax import cli, config as config_lib, data, images, runs
 from ddpm_jax.evaluation.digits_classifier import train_digits_classifier
 from ddpm_jax.latent import frozen_vae, pipeline, prompts
 from ddpm_jax.models.autoencoder import AutoencoderKL

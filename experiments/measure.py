@@ -24,12 +24,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ddpm_jax import builders, parallel, samplers
-from ddpm_jax import config as config_lib
-from ddpm_jax import state as state_lib
+from ddpm_jax import builders, config as config_lib, parallel, samplers, state as state_lib
 from ddpm_jax.generate import Generator
 from ddpm_jax.models.layers import DTYPES
 from ddpm_jax.parallel import compiler_options

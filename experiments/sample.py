@@ -109,7 +109,8 @@ def _main(fv: flags.FlagValues) -> str:
     if sd_only or fv.negative_prompt:
         raise UsageError(f"--{(sd_only or ['negative_prompt'])[0]} is for Stable Diffusion only")
     run = load(fv.workdir, fv.pretrained)
-    settings = cli.sample_settings(fv, run.sample_settings, run.schedule.num_timesteps)
+    T, methods = run.schedule.num_timesteps, run.formulation.methods
+    settings = cli.sample_settings(fv, run.sample_settings, T, methods)
     generator = run.generator(settings)
     cond = _conditioning(run, fv)
     seed = fv.seed if fv.seed is not None else (run.config.seed if run.config else 0)

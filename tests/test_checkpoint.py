@@ -13,8 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import failures, parallel
-from ddpm_jax import state as st
+from ddpm_jax import failures, parallel, state as st
 from ddpm_jax.checkpoint import Checkpointer
 from ddpm_jax.errors import CheckpointFault, UsageError
 

@@ -20,12 +20,15 @@ import tensorflow_datasets as tfds
 from _helpers import random_params
 from PIL import Image
 
-from ddpm_jax import builders, data, images, runs, tfds_source, train
-from ddpm_jax import config as config_lib
+from ddpm_jax import builders, config as config_lib, data, images, runs, tfds_source, train
 from ddpm_jax.errors import UsageError
-from ddpm_jax.evaluation import digits_classifier as digits_lib
-from ddpm_jax.evaluation import evaluate as ev
-from ddpm_jax.evaluation import reference, report, sweep
+from ddpm_jax.evaluation import (
+    digits_classifier as digits_lib,
+    evaluate as ev,
+    reference,
+    report,
+    sweep,
+)
 from ddpm_jax.sample_settings import SampleSettings
 from experiments import evaluate as cli
 

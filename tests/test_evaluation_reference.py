@@ -13,9 +13,7 @@ import tensorflow_datasets as tfds
 
 from ddpm_jax import data, images
 from ddpm_jax.errors import UsageError
-from ddpm_jax.evaluation import digits_classifier as digits_lib
-from ddpm_jax.evaluation import metrics
-from ddpm_jax.evaluation import reference as ref
+from ddpm_jax.evaluation import digits_classifier as digits_lib, metrics, reference as ref
 
 
 @pytest.fixture(scope="module")

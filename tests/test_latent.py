@@ -16,8 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from ddpm_jax import builders, data, guidance, images, runs, samplers, schedules
-from ddpm_jax import state as state_lib
+from ddpm_jax import builders, data, guidance, images, runs, samplers, schedules, state as state_lib
 from ddpm_jax.latent import frozen_vae, prompts
 from ddpm_jax.models.autoencoder import AutoencoderKL
 from ddpm_jax.models.text import PAD_ID, PromptUNet, TextEncoder, Tokenizer, prompt_table

@@ -13,8 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import parallel, schedules
-from ddpm_jax import state as st
+from ddpm_jax import parallel, schedules, state as st
 
 B, H, C, T = 16, 4, 1, 50
 

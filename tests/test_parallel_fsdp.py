@@ -15,9 +15,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from ddpm_jax import config as config_lib
-from ddpm_jax import parallel, resume, schedules
-from ddpm_jax import state as st
+from ddpm_jax import config as config_lib, parallel, resume, schedules, state as st
 from ddpm_jax.errors import UsageError
 from ddpm_jax.parallel import FullyShardedDataParallel, partition_spec
 

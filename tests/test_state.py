@@ -7,8 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from ddpm_jax import losses, schedules
-from ddpm_jax import state as st
+from ddpm_jax import losses, schedules, state as st
 
 
 def test_learning_rate_schedule_linear_warmup():

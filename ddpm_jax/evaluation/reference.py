@@ -25,8 +25,7 @@ import numpy as np
 
 from ddpm_jax import data, folder_source, images
 from ddpm_jax.errors import UsageError
-from ddpm_jax.evaluation import digits_classifier as digits_lib
-from ddpm_jax.evaluation import metrics
+from ddpm_jax.evaluation import digits_classifier as digits_lib, metrics
 from ddpm_jax.workdir import is_writer, save_npz
 
 KID_REFERENCE_ROWS = 5000  # reference features kept in the cache for KID

@@ -24,8 +24,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ddpm_jax.parallel import layout
 from ddpm_jax.parallel.layout import AXIS, Layout, make_mesh

@@ -20,8 +20,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXIS = "data"  # the batch axis of every mesh (and the pmean axis of per-device steps)
 FSDP_AXIS = "fsdp"  # the second axis of the FSDP mesh: parameters are sharded over it
