@@ -46,7 +46,7 @@ from collections.abc import Sequence
 import ml_collections
 from ml_collections import config_dict
 
-from ddpm_jax import builders, cli, folder_source, train
+from ddpm_jax import builders, cli, folder_source, run_start, train
 from ddpm_jax.config import default_config
 from ddpm_jax.errors import UsageError
 from ddpm_jax.workdir import log, warn
@@ -97,15 +97,33 @@ def get_config(image_size: int = DEFAULT_IMAGE_SIZE) -> ml_collections.ConfigDic
     return c
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> train.RunResult:
-    """Prepares the folder (or reads its cache), records it in ``workdir`` and trains.
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    start_over: bool = False,
+    allow_change: Sequence[str] = (),
+    step_callback=None,
+) -> train.RunResult:
+    """Prepares the folder (or reads its cache), records it in ``workdir`` and trains; all of
+    it after the run's preparation (``run_start.prepare``: config, lock, resume).
 
     Raises:
       UsageError: see ``ddpm_jax.folder_source.prepare_folder``; unreadable files are listed in
         ``workdir/unreadable.json`` first.
     """
+    options = dict(start_over=start_over, allow_change=allow_change)
     if config.data.name != folder_source.FOLDER:
-        return train.run(config, workdir, **kwargs)
+        return train.run(config, workdir, step_callback=step_callback, **options)
+    with run_start.prepare(config, workdir, **options) as start:
+        ds = _folder_dataset(config, start.workdir)
+        model = builders.build_model(config, ds.num_classes)
+        return train.train(config, start, ds, model, step_callback=step_callback)
+
+
+def _folder_dataset(config: ml_collections.ConfigDict, workdir: str):
+    """The prepared folder's dataset, recorded in ``workdir`` (``folder.json``, and the list of
+    unreadable files)."""
     try:
         prepared = builders.prepare_folder(config)
     except folder_source.UnreadableImagesError as e:
@@ -134,7 +152,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> train.RunR
     if before and before["cache"] != prepared.path:
         warn(f"the images of data.dir changed since this run last started ({before['cache']})")
     folder_source.write_run_info(workdir, prepared)
-    return train.run(config, workdir, dataset=builders.build_dataset(config, prepared), **kwargs)
+    return builders.build_dataset(config, prepared)
 
 
 def _image_size_flag(argv: Sequence[str]) -> int:
