@@ -50,6 +50,7 @@ def test_skip_unreadable_trains_and_records_the_skipped_file(tmp_path):
     assert info["image_shape"] == [8, 8, 1] and info["unreadable"][0][0] == bad
 
 
+@pytest.mark.slow
 def test_resume_after_kill_is_exact_and_1_device_equals_4(cache_dir, tmp_path):
     root, cache = str(tmp_path / "digits"), str(tmp_path / "cache")
     _folders.write_digits_folder(root, size=8, limit=200)

@@ -20,6 +20,7 @@ from ddpm_jax import builders, cli, data, folder_images, folder_source
 from ddpm_jax.config import default_config, validate
 from ddpm_jax.errors import UsageError
 from ddpm_jax.folder_images import Preprocessing
+from ddpm_jax.workdir import LOCK_FILE
 from experiments import folder as folder_experiment
 
 DIGIT = np.zeros((16, 16, 1), np.uint8)
@@ -322,4 +323,4 @@ def test_a_run_refuses_a_folder_whose_classes_changed(tmp_path):
     os.rename(os.path.join(root, "9"), os.path.join(root, "nine"))
     with pytest.raises(UsageError, match=r"trained on classes \['0'.*'9'\].*'nine'"):
         folder_experiment.run(config, workdir)
-    assert sorted(os.listdir(workdir)) == before
+    assert sorted(set(os.listdir(workdir)) - {LOCK_FILE}) == before

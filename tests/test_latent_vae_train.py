@@ -45,6 +45,7 @@ def test_vae_loss_matches_numpy(digits):
         vae_loss(params, module, x, key, recon_loss="l3")
 
 
+@pytest.mark.slow
 def test_training_reduces_held_out_reconstruction_error(digits):
     module = AutoencoderKL(**SMALL)
     train, test = digits[:48], digits[48:]

@@ -85,6 +85,7 @@ def test_a_changed_model_is_refused_and_the_workdir_is_untouched(reference, tmp_
     assert wr.digest(workdir) == before  # byte for byte: checkpoints, config, metrics
 
 
+@pytest.mark.slow
 def test_more_steps_resume_from_the_last_step_and_the_change_is_recorded(
     reference, cache_dir, tmp_path
 ):
@@ -106,6 +107,7 @@ def test_more_steps_resume_from_the_last_step_and_the_change_is_recorded(
 
 
 # A failed tensorstore read can leave a callback for Orbax's closed event loop (harmless).
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_no_readable_checkpoint_is_an_error_until_the_user_starts_over(
     reference, cache_dir, tmp_path, capfd

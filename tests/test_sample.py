@@ -33,6 +33,7 @@ def _sample_subprocess(cache_dir, devices, *args):
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_samples_of_a_run_are_its_samples_on_any_device_count(run_dir, cache_dir, tmp_path):
     with np.load(os.path.join(run_dir, "samples.npz")) as f:
         want, want_labels = f["images"], f["labels"]

@@ -150,6 +150,7 @@ def test_padding_does_not_change_word_outputs(tokenizer, encoder_and_params):
     np.testing.assert_allclose(short[mask[:, :6]], clean[:, :6][mask[:, :6]], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_null_context_is_well_defined_and_learnable(tokenizer, encoder_and_params):
     enc, params = encoder_and_params
     tokens, _ = tokenizer.encode(["", "a photo of a cat", "", "an airplane"])

@@ -113,6 +113,7 @@ def test_two_processes_equal_one_process_under_fsdp(fsdp_8, cache_dir, tmp_path)
     assert wr.max_diff(wr.params(workdir, 10), wr.params(ref_dir, 10)) < 1e-5  # both wrote shards
 
 
+@pytest.mark.slow
 def test_sampling_from_an_fsdp_run_reproduces_its_samples(fsdp_8):
     workdir, _ = fsdp_8
     run = runs.load_run(workdir)

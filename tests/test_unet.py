@@ -389,6 +389,7 @@ def test_bfloat16_compute_close_to_float32(class_model):
     assert 0 < rel < 0.05, rel  # measured ~0.013
 
 
+@pytest.mark.slow
 def test_jit_and_grad_finite(class_model):
     model, params, perturbed, _ = class_model
     x, t = _inputs()
