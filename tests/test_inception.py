@@ -105,6 +105,9 @@ def test_features_fn_validates_images(torch_reference):
 
 
 def test_matches_pytorch_fid_directly(tmp_path, monkeypatch):
+    """Skips without pytorch-fid, which the ``torch`` extra does not install: it needs
+    torchvision, whose compiled operators do not load against the pinned CPU torch and then
+    break transformers' CLIP import (``pip install pytorch-fid`` with a matching torch runs it)."""
     pytest.importorskip("torch")
     pytorch_fid_inception = pytest.importorskip("pytorch_fid.inception")
     import reference_inception_torch as ref
