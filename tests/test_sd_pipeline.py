@@ -39,14 +39,25 @@ SD2_SCHEDULER = {
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
     """A tiny SD 2.x-like pipeline folder and its reference components."""
+    diffusers = pytest.importorskip("diffusers")
+    root = tmp_path_factory.mktemp("sd")
+    scheduler = diffusers.DDIMScheduler.from_config(SD2_SCHEDULER)
+    pipe = tiny_pipeline(root, UNET, pad="!", activation="gelu", scheduler=scheduler)
+    return root / "pipe", pipe
+
+
+def tiny_pipeline(root, unet_config, *, pad, activation, scheduler, perturb=False):
+    """A random ``StableDiffusionPipeline`` with ``unet_config``, a two-level VAE (8×8 latents
+    of 16×16 images) and a tiny CLIP text encoder (``activation``, pad token ``pad``), saved
+    to ``root/pipe``. ``perturb``: weights moved off diffusers' zero initialisations, so that
+    every layer matters."""
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     transformers = pytest.importorskip("transformers")
-    root = tmp_path_factory.mktemp("sd")
-    _write_vocab(root / "vocab", "!")
+    _write_vocab(root / "vocab", pad)
     tokenizer = transformers.CLIPTokenizer.from_pretrained(root / "vocab")
     torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(**{k: v for k, v in UNET.items() if k[0] != "_"})
+    unet = diffusers.UNet2DConditionModel(**{k: v for k, v in unet_config.items() if k[0] != "_"})
     vae = diffusers.AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2,
@@ -55,20 +66,24 @@ def pipeline_dir(tmp_path_factory):
         norm_num_groups=8,
         scaling_factor=0.18215,
     )
-    text_encoder = _clip_text_model("gelu", seed=2, vocab_size=len(tokenizer))
-    scheduler = diffusers.DDIMScheduler.from_config(SD2_SCHEDULER)
+    if perturb:
+        with torch.no_grad():
+            for p in [*unet.parameters(), *vae.parameters()]:
+                p.add_(0.05 * torch.randn_like(p))
+    text_encoder = _clip_text_model(activation, seed=2, vocab_size=len(tokenizer))
     pipe = diffusers.StableDiffusionPipeline(
-        vae=vae,
+        vae=vae.eval(),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        unet=unet,
+        unet=unet.eval(),
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(root / "pipe")
-    return root / "pipe", pipe
+    return pipe
 
 
 def test_loads_every_component(pipeline_dir):

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_sd_text import _clip_text_model, _write_vocab
+from test_sd_pipeline import tiny_pipeline
 from test_sd_unet import SD1_CONFIG, TWO_LEVELS
 
 from ddpm_jax import samplers, schedules
@@ -56,38 +56,12 @@ def test_explicit_grid_equals_default_sampler(method):
 @pytest.fixture(scope="module")
 def sd_dir(tmp_path_factory):
     """A tiny random SD 1.x-like pipeline folder (latents 8×8×4, images 16×16) and diffusers'."""
-    torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
-    transformers = pytest.importorskip("transformers")
     root = tmp_path_factory.mktemp("sd_sample")
-    _write_vocab(root / "vocab", "<|endoftext|>")
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(root / "vocab")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(**{k: v for k, v in UNET.items() if k[0] != "_"})
-    vae = diffusers.AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=8,
-        scaling_factor=0.18215,
+    scheduler = diffusers.DDIMScheduler.from_config(SD1_SCHEDULER)
+    pipe = tiny_pipeline(
+        root, UNET, pad="<|endoftext|>", activation="quick_gelu", scheduler=scheduler, perturb=True
     )
-    with torch.no_grad():  # weights that make every layer matter
-        for p in [*unet.parameters(), *vae.parameters()]:
-            p.add_(0.05 * torch.randn_like(p))
-    text_encoder = _clip_text_model("quick_gelu", seed=2, vocab_size=len(tokenizer))
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        scheduler=diffusers.DDIMScheduler.from_config(SD1_SCHEDULER),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    pipe.save_pretrained(root / "pipe")
     noise = np.random.default_rng(0).standard_normal((NUM, 8, 8, 4)).astype(np.float32)
     np.save(root / "noise.npy", noise)
     return root, pipe, noise
