@@ -55,6 +55,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         fail("finetune.grid_prompts", prompts, "expected a tuple of non-empty prompts")
     if get(config, "data.name") != FOLDER:
         fail("data.name", config.data.name, "fine-tuning reads a folder of captioned images")
+    if get(config, "data.crop") != "center":
+        fail("data.crop", config.data.crop, "latents are encoded once: expected 'center'")
+    if get(config, "data.random_flip"):
+        fail("data.random_flip", True, "latents are encoded once: expected False or None")
 
 
 __all__ = ["SECTION", "finetune_config", "validate"]
