@@ -143,6 +143,9 @@ def _change_a_unet_byte(directory):
 
 
 def test_mistakes_are_one_line_with_exit_code_2(pipe, captioned, tmp_path, capfd):
+    given = ["prog", "--pretrained", "A", "--workdir=W", "--pretrained=B"]
+    expected = ["prog", "--config.finetune.pretrained=A", "--workdir=W"]
+    assert finetune_sd.pretrained_flag(given) == [*expected, "--config.finetune.pretrained=B"]
     base = [f"--workdir={tmp_path / 'run'}", f"--config.data.dir={captioned}"]
     assert "--pretrained" in _exit_2(base, capfd)
     not_sd = tmp_path / "not_sd"
@@ -249,3 +252,23 @@ def test_kill_and_resume_equals_the_uninterrupted_run(
     flags = [f if not f.startswith("--pretrained=") else f"--pretrained={other}" for f in flags]
     err = _exit_2([f"--workdir={workdir}", *flags], capfd)
     assert "another model" in err and pipe in err, err
+
+
+@pytest.mark.slow
+def test_fsdp_in_bfloat16_on_2_devices_follows_the_float32_run(
+    finished, pipe, captioned, tmp_path, cache_dir
+):
+    workdir = str(tmp_path / "fsdp")
+    flags = _flags(pipe, captioned, tmp_path / "cache", steps=40)
+    flags += ["--config.parallel=fsdp", "--config.mesh.fsdp_min_size=1"]
+    flags += ["--config.model.dtype=bfloat16"]
+    proc = wr.launch(cache_dir, workdir, *flags, devices=2, worker=FINETUNE_WORKER)
+    wr.check_ok(proc)
+    assert "training state (fsdp)" in proc.stdout
+    ours, ref = wr.losses(workdir)[:, 1], wr.losses(finished)[:4, 1]
+    np.testing.assert_allclose(ours, ref, rtol=2e-2)
+    out = sample.main(
+        ["sample", f"--workdir={workdir}", f"--prompt={PROMPT}", "--num_samples=2", "--num_steps=3"]
+    )  # the sharded run's EMA is gathered for the pipeline
+    with np.load(os.path.join(out, "samples.npz")) as f:
+        assert f["images"].shape == (2, 16, 16, 3)
