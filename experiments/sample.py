@@ -25,10 +25,11 @@ this reproduces its ``samples.npz``, on any number of devices (a latent run's to
 A Stable Diffusion pipeline folder (``model_index.json`` with a text encoder), or the ``--workdir``
 of an ``experiments.finetune_sd`` run (its pretrained pipeline with the run's EMA UNet, any
 prompt), samples ``--prompt`` with ``--negative_prompt``, ``--guidance_scale`` (default 7.5),
-``--method=ddim|dpmpp_2m`` on diffusers' grids, ``--height`` / ``--width``, and image-to-image with ``--image=INIT.png
---strength=0.6`` (``ddpm_jax.latent.stable_diffusion.SDPipeline``). ``--noise=FILE.npy``
-(float32 NHWC ``[num_samples, ...]``, latents for a latent model) replaces the seed's x_T (for
-image-to-image: the noise added to the encoded image), to compare with other implementations.
+``--method=ddim|dpmpp_2m`` on diffusers' grids, ``--height`` / ``--width``, and image-to-image
+with ``--image=INIT.png --strength=0.6`` (``ddpm_jax.latent.stable_diffusion.SDPipeline``).
+``--noise=FILE.npy`` (float32 NHWC ``[num_samples, ...]``, latents for a latent model) replaces
+the seed's x_T (for image-to-image: the noise added to the encoded image), to compare with other
+implementations.
 """
 
 from __future__ import annotations
