@@ -102,14 +102,14 @@ def check_captions(directory: str) -> None:
         )
 
 
-def check_record(workdir: str, pretrained: str, print_: str) -> None:
-    """Refuses a run recorded with another pretrained model (fingerprint ``print_``)."""
+def check_record(workdir: str, pretrained: str, digest: str) -> None:
+    """Refuses a run recorded with another pretrained model (fingerprint ``digest``)."""
     before = read_json(os.path.join(workdir, RECORD))
-    if before is not None and before.get("fingerprint") != print_:
+    if before is not None and before.get("fingerprint") != digest:
         raise UsageError(
             f"{workdir} fine-tunes {before.get('pretrained')} (fingerprint "
             f"{before.get('fingerprint')}); --pretrained={pretrained} is another model "
-            f"({print_}): nothing was changed. Pass the same model, or use another --workdir"
+            f"({digest}): nothing was changed. Pass the same model, or use another --workdir"
         )
     if before is not None and before.get("pretrained") != pretrained:
         log(f"the pretrained model moved: {before.get('pretrained')} -> {pretrained}")
@@ -157,12 +157,21 @@ def _latents(workdir: str, key: str, sd: StableDiffusion, prepared) -> dict[str,
     cached): ``latents [N, h, w, c]``, ``caption_ids [N]``, ``captions [U]`` (sorted, distinct)
     and ``contexts [U + 1, 77, D]`` (the captions', then the empty prompt's)."""
     path = os.path.join(workdir, CACHE)
+    names = ("latents", "caption_ids", "captions", "contexts")
     if os.path.exists(path):
-        with np.load(path, allow_pickle=False) as f:
-            if str(f["key"]) == key:
-                log(f"latents and caption states read from {path}")
-                return {k: f[k] for k in ("latents", "caption_ids", "captions", "contexts")}
-        warn(f"data.dir or the pretrained model changed since {path} was written: encoding again")
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                cached = str(f["key"]) == key and {k: f[k] for k in names}
+        except (OSError, ValueError, KeyError, EOFError) as e:  # damaged: encoded again
+            warn(f"{path} cannot be read ({e}): encoding again")
+            cached = None
+        if cached:
+            log(f"latents and caption states read from {path}")
+            return cached
+        if cached is False:
+            warn(
+                f"data.dir or the pretrained model changed since {path} was written: encoding again"
+            )
     manifest = read_json(os.path.join(prepared.path, "manifest.json"))
     captions = manifest["captions"]
     distinct = sorted(set(captions))
@@ -229,12 +238,12 @@ def finetune(
     with prepare(config, workdir, **options) as start:
         workdir, pretrained = start.workdir, os.path.abspath(config.finetune.pretrained)
         sd = load_pretrained(pretrained)
-        print_ = fingerprint(pretrained)
-        check_record(workdir, pretrained, print_)
+        digest = fingerprint(pretrained)
+        check_record(workdir, pretrained, digest)
         check_captions(config.data.dir)
         prepared = builders.prepare_folder(config)
         _check_fit(config, sd, prepared)
-        key = json.dumps([_CACHE_VERSION, prepared.path, print_])
+        key = json.dumps([_CACHE_VERSION, prepared.path, digest])
         cached = _latents(workdir, key, sd, prepared)
         captions = [str(c) for c in cached["captions"]]
         grid = _grid_prompts(config, captions)
@@ -247,7 +256,7 @@ def finetune(
         if is_writer():
             info = dict(
                 pretrained=pretrained,
-                fingerprint=print_,
+                fingerprint=digest,
                 num_images=len(latents),
                 num_captions=len(captions),
                 grid_prompts=grid,
