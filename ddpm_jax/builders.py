@@ -21,6 +21,7 @@ Every other module takes explicit arguments; only this module and ``config.py`` 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -107,7 +108,14 @@ def build_vae(config: Config, channels: int) -> AutoencoderKL:
 
 
 def build_schedule(config: Config) -> schedules.Schedule:
-    """The noise schedule of ``config.diffusion``."""
+    """The noise schedule of ``config.diffusion``; a fine-tuning run's (``config.finetune``) is
+    its pretrained folder's ``scheduler/scheduler_config.json``."""
+    if "finetune" in config:
+        # Imported here: the run loop loads no weights module otherwise.
+        from ddpm_jax.weights import diffusers, stable_diffusion as sd
+
+        path = os.path.join(config.finetune.pretrained, "scheduler", sd.SCHEDULER_CONFIG_NAME)
+        return sd.scheduler_from_config(diffusers.read_config(path), source=path).schedule
     d = config.diffusion
     kwargs = dict(beta_start=d.beta_start, beta_end=d.beta_end) if d.schedule == "linear" else {}
     return schedules.get(d.schedule, d.num_timesteps, **kwargs)
@@ -258,14 +266,17 @@ def init_state_fn(
     model: nn.Module,
     optimizer: optax.GradientTransformation,
     image_shape: Sequence[int],
-) -> Callable[[], state_lib.TrainState]:
-    """``init() -> TrainState`` at step 0 (parameters from ``run_key(seed, INIT_TAG)``)."""
+) -> Callable[..., state_lib.TrainState]:
+    """``init(variables=None) -> TrainState`` at step 0: parameters from
+    ``run_key(seed, INIT_TAG)``, or the given ``variables`` (a fine-tuning run's pretrained
+    ones, of the same structure)."""
 
-    def init() -> state_lib.TrainState:
-        x = jnp.zeros((1, *image_shape), jnp.float32)
-        t = jnp.zeros((1,), jnp.int32)
-        y = None if model.null_label is None else jnp.zeros((1,), jnp.int32)
-        variables = model.init(run_key(config.seed, INIT_TAG), x, t, y=y)
+    def init(variables: Any = None) -> state_lib.TrainState:
+        if variables is None:
+            x = jnp.zeros((1, *image_shape), jnp.float32)
+            t = jnp.zeros((1,), jnp.int32)
+            y = None if model.null_label is None else jnp.zeros((1,), jnp.int32)
+            variables = model.init(run_key(config.seed, INIT_TAG), x, t, y=y)
         return state_lib.create_train_state(variables, optimizer)
 
     return init
@@ -283,12 +294,20 @@ def abstract_state(init: Callable[[], state_lib.TrainState], dp: Layout) -> Any:
     )
 
 
-def init_state(init: Callable[[], state_lib.TrainState], abstract: Any) -> state_lib.TrainState:
+def init_state(
+    init: Callable[..., state_lib.TrainState], abstract: Any, variables: Any = None
+) -> state_lib.TrainState:
     """The state at step 0 computed in the layout of ``abstract`` (:func:`abstract_state`): one
     ``jax.jit`` with those ``out_shardings``, so each device computes only its own shards and the
-    whole state never exists on one device."""
+    whole state never exists on one device. ``variables``: start from these parameters (an
+    argument of the compiled call, not a constant of it) instead of a fresh initialisation."""
     shardings = jax.tree.map(lambda a: a.sharding, abstract)
-    return jax.jit(init, out_shardings=shardings)()
+    if variables is not None:
+        expected = jax.tree.map(lambda a: (a.shape, a.dtype), abstract.params)
+        given = jax.tree.map(lambda a: (tuple(a.shape), a.dtype), variables)
+        if expected != given:
+            raise ValueError("init_state: the variables do not have the model's structure")
+    return jax.jit(init, out_shardings=shardings)(variables)
 
 
 def step_settings(config: Config) -> state_lib.StepSettings:

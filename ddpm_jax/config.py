@@ -44,6 +44,7 @@ defaults are Ho et al. 2020, CIFAR-10):
   statistics).
 - ``latent`` (latent-diffusion experiments only, :func:`latent_config`): the autoencoder, its
   training and the text encoder; see :func:`latent_config`.
+- ``finetune`` (Stable Diffusion fine-tuning only): see ``ddpm_jax.config_finetune``.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from ml_collections import config_dict
 
 from ddpm_jax import (
     builders,
+    config_finetune,
     diffusion,
     folder_images,
     folder_source,
@@ -224,6 +226,7 @@ def validate(
       UsageError: naming the field, its value and what is allowed.
     """
     _check_known_keys(config)
+    config_finetune.validate(config)  # first: --pretrained sets the rest
     _int(config, "seed", 0)
     _choice(config, "parallel", parallel.KINDS)
     if "mesh" in config:

@@ -1,7 +1,7 @@
 """Resuming a run with an edited config: which changes a resumed run may take.
 
 A diffusion run on a pod is resumed many times, usually after someone edited a flag. Every field
-of ``default_config()`` and of the ``latent`` section (``latent_config()``) is classified here, in
+of ``default_config()`` and of the ``latent`` and ``finetune`` sections is classified here, in
 exactly one of three tables (a test walks every field):
 
 - :data:`IDENTITY`: fields that fix what the run is (the training state's structure, the dataset
@@ -104,7 +104,10 @@ FREE = tuple(
     # EDM's sampling grid
     "diffusion.sigma_min diffusion.sigma_max diffusion.rho "
     "eval.every eval.num_samples eval.method eval.num_steps eval.guidance_scale "
-    "eval.inception_path eval.cache_dir latent.samples_per_prompt".split()
+    "eval.inception_path eval.cache_dir latent.samples_per_prompt "
+    # Stable Diffusion fine-tuning: where the pretrained folder is (its fingerprint, recorded in
+    # the run, must not change: ``ddpm_jax.latent.finetune_sd``) and the prompts of the grids
+    "finetune.pretrained finetune.grid_prompts".split()
 )
 
 _TRAINING, _FREE = frozenset(TRAINING), frozenset(FREE)

@@ -125,7 +125,6 @@ def load_run(workdir: str | os.PathLike) -> LoadedRun:
     """
     path = os.path.abspath(os.fspath(workdir))
     config_path = os.path.join(path, "config.json")
-    ckpt_dir = os.path.join(path, "checkpoints")
     if not os.path.isdir(path):
         raise UsageError(f"workdir={path!r} does not exist; pass a training run's --workdir")
     saved = read_json(config_path)
@@ -152,7 +151,42 @@ def load_run(workdir: str | os.PathLike) -> LoadedRun:
         image_shape, num_classes = builders.data_spec(config, workdir=path)
         output_shape = image_shape
         model = builders.build_model(config, num_classes)
-    # An FSDP run is restored sharded over all devices, then only its EMA is gathered.
+    dp, ema_params, step = restore_ema(path, config, model, image_shape)
+    d = config.data
+    data_dir = d.data_dir  # a folder run's images for evaluation: its prepared cache
+    if d.name == folder_source.FOLDER:
+        data_dir = (folder_source.read_run_info(path) or {}).get("cache")
+    return LoadedRun(
+        path=path,
+        model=model,
+        schedule=builders.build_schedule(config),
+        dp=dp,
+        image_shape=tuple(image_shape),
+        output_shape=tuple(output_shape),
+        ema_params=ema_params,
+        step=step,
+        sample_settings=builders.sample_settings(config),
+        prediction=config.diffusion.prediction,
+        data=DataRef(d.name, data_dir, d.manual_dir),
+        config=config,
+        decode_fn=decode_fn,
+        tokenizer=tokenizer,
+        label_classes=label_classes,
+        formulation=builders.formulation(config),
+    )
+
+
+def restore_ema(
+    path: str, config: ml_collections.ConfigDict, model: Any, image_shape
+) -> tuple[Layout, Any, int]:
+    """``(dp, ema_params, step)`` of the newest complete checkpoint of the run in ``path``, its
+    EMA parameters replicated over ``dp`` (the run's layout over all devices of this job; an FSDP
+    run is restored sharded, then only its EMA is gathered). Reads only.
+
+    Raises:
+      UsageError: no checkpoint folder or no complete checkpoint.
+    """
+    ckpt_dir = os.path.join(path, "checkpoints")
     dp = builders.build_parallel(config, fsdp_over_all_devices=True)
     optimizer, _ = builders.build_optimizer(config)
     abstract = builders.abstract_state(
@@ -168,28 +202,7 @@ def load_run(workdir: str | os.PathLike) -> LoadedRun:
             raise UsageError(f"workdir={path!r} has no complete checkpoint in {ckpt_dir}")
     finally:
         ckpt.close()
-    d = config.data
-    data_dir = d.data_dir  # a folder run's images for evaluation: its prepared cache
-    if d.name == folder_source.FOLDER:
-        data_dir = (folder_source.read_run_info(path) or {}).get("cache")
-    return LoadedRun(
-        path=path,
-        model=model,
-        schedule=builders.build_schedule(config),
-        dp=dp,
-        image_shape=tuple(image_shape),
-        output_shape=tuple(output_shape),
-        ema_params=dp.gather(state.ema_params),
-        step=int(step),
-        sample_settings=builders.sample_settings(config),
-        prediction=config.diffusion.prediction,
-        data=DataRef(d.name, data_dir, d.manual_dir),
-        config=config,
-        decode_fn=decode_fn,
-        tokenizer=tokenizer,
-        label_classes=label_classes,
-        formulation=builders.formulation(config),
-    )
+    return dp, dp.gather(state.ema_params), int(step)
 
 
 def load_pretrained(
@@ -243,4 +256,4 @@ def load(
     return load_run(workdir) if pretrained is None else load_pretrained(pretrained, data=data)
 
 
-__all__ = ["DataRef", "LoadedRun", "load", "load_pretrained", "load_run"]
+__all__ = ["DataRef", "LoadedRun", "load", "load_pretrained", "load_run", "restore_ema"]

@@ -67,10 +67,8 @@ class RunResult:
       step: completed updates at return.
       workdir: absolute work directory.
       metrics_path: ``metrics.jsonl``.
-      samples_path: ``samples.npz``, or None when not written (``sample.num_samples = 0`` or
-        preempted).
-      ema_params: the replicated EMA parameters at return (for sampling by the caller; gathered
-        from their shards under ``parallel="fsdp"``).
+      samples_path: ``samples.npz``, or None (not written: ``sample.num_samples = 0``, preempted).
+      ema_params: the EMA parameters at return, replicated (gathered under ``parallel="fsdp"``).
     """
 
     status: str
@@ -115,26 +113,27 @@ def train(
     decode_fn: Callable[[jax.Array], jax.Array] | None = None,
     label_classes: np.ndarray | None = None,
     step_callback: Callable[[int], None] | None = None,
+    init_params: Any = None,
 ) -> RunResult:
     """The run loop of a run prepared by ``run_start.prepare`` (inside its block): ``start``.
 
     Args:
       dataset: the training batches (:func:`run`: ``builders.build_dataset``; a latent run: its
         encoded latents, ``data.array_dataset``).
-      model: the network: it takes the UNet's call ``apply(vars, x, t, y=None, train=False)`` and
-        has ``null_label`` (None, or the label of the null condition), e.g. a
-        ``ddpm_jax.models.text.PromptUNet``.
+      model: the network: the UNet's call ``apply(vars, x, t, y=None, train=False)`` and a
+        ``null_label`` (None, or the null condition's label), e.g. a ``PromptUNet``.
       decode_fn: optional jittable map of sampled arrays to images ``[B, H, W, C]`` in [-1, 1]
         (a frozen VAE decoder), applied before the grids and ``samples.npz``.
       label_classes: ``[num_labels]`` int32, the dataset class each conditioning label stands
         for (a latent run's prompts), for evaluation; None: the labels are the classes.
       step_callback: optional ``callback(step)`` called on every process after each compiled
         call with the number of completed updates (tests use it to interrupt runs).
+      init_params: a new run's parameters (fine-tuning) instead of a fresh initialisation.
     """
     with PreemptionGuard() as preemption:
         trainer = Trainer(
             config, start, dataset, model, preemption, decode_fn=decode_fn,
-            label_classes=label_classes,
+            label_classes=label_classes, init_params=init_params,
         )  # fmt: skip
         try:
             result = trainer.run(step_callback)
@@ -159,9 +158,10 @@ class Trainer:
         *,
         decode_fn: Callable[[jax.Array], jax.Array] | None = None,
         label_classes: np.ndarray | None = None,
+        init_params: Any = None,
     ):
         self.config, self.start, self.ds, self.model = config, start, ds, model
-        self.workdir, self.preemption = start.workdir, preemption
+        self.workdir, self.preemption, self.init_params = start.workdir, preemption, init_params
         self.metrics_path = os.path.join(self.workdir, "metrics.jsonl")
         self.samples_path = os.path.join(self.workdir, "samples.npz")
         self.dp = builders.build_parallel(config)
@@ -232,7 +232,7 @@ class Trainer:
         had_checkpoints = bool(self.ckpt.all_steps())
         state, start = self.ckpt.restore_latest(self.abstract_state, start_over=prepared.start_over)
         if state is None:
-            state, start = builders.init_state(self.init, self.abstract_state), 0
+            state, start = builders.init_state(self.init, self.abstract_state, self.init_params), 0
             log(f"new run in {self.workdir} ({self.dp.num_devices} devices, {self.dp.kind})")
         else:
             log(f"resuming from the checkpoint of step {start} in {self.ckpt.directory}")

@@ -22,12 +22,14 @@ this reproduces its ``samples.npz``, on any number of devices (a latent run's to
 ``OUT/samples.png`` (default ``OUT``: ``RUN/sampled/<method>_<steps>_g<scale>_seed<seed>``, or
 ``./sampled/<DIR name>/...``). A user's mistake is one line on stderr with exit code 2.
 
-A Stable Diffusion pipeline folder (``model_index.json`` with a text encoder) samples ``--prompt``
-with ``--negative_prompt``, ``--guidance_scale`` (default 7.5), ``--method=ddim|dpmpp_2m`` on
-diffusers' grids, ``--height`` / ``--width``, and image-to-image with ``--image=INIT.png
---strength=0.6`` (``ddpm_jax.latent.stable_diffusion.SDPipeline``). ``--noise=FILE.npy``
-(float32 NHWC ``[num_samples, ...]``, latents for a latent model) replaces the seed's x_T (for
-image-to-image: the noise added to the encoded image), to compare with other implementations.
+A Stable Diffusion pipeline folder (``model_index.json`` with a text encoder), or the ``--workdir``
+of an ``experiments.finetune_sd`` run (its pretrained pipeline with the run's EMA UNet, any
+prompt), samples ``--prompt`` with ``--negative_prompt``, ``--guidance_scale`` (default 7.5),
+``--method=ddim|dpmpp_2m`` on diffusers' grids, ``--height`` / ``--width``, and image-to-image
+with ``--image=INIT.png --strength=0.6`` (``ddpm_jax.latent.stable_diffusion.SDPipeline``).
+``--noise=FILE.npy`` (float32 NHWC ``[num_samples, ...]``, latents for a latent model) replaces
+the seed's x_T (for image-to-image: the noise added to the encoded image), to compare with other
+implementations.
 """
 
 from __future__ import annotations
@@ -99,12 +101,15 @@ def _main(fv: flags.FlagValues) -> str:
 
     from ddpm_jax import images
     from ddpm_jax.generate import ProgressLine
+    from ddpm_jax.latent.finetune_sd import is_finetuned_run
     from ddpm_jax.latent.stable_diffusion import is_pipeline_folder
     from ddpm_jax.runs import load
     from ddpm_jax.workdir import FINAL_TAG, is_writer, log, run_key, save_npz
 
     if fv.pretrained is not None and fv.workdir is None and is_pipeline_folder(fv.pretrained):
         return _stable_diffusion(fv)
+    if fv.workdir is not None and fv.pretrained is None and is_finetuned_run(fv.workdir):
+        return _stable_diffusion(fv, finetuned=True)
     sd_only = [n for n in ("image", "height", "width") if fv[n].value is not None]
     if sd_only or fv.negative_prompt:
         raise UsageError(f"--{(sd_only or ['negative_prompt'])[0]} is for Stable Diffusion only")
@@ -148,8 +153,9 @@ def _noise(fv: flags.FlagValues, shape) -> np.ndarray | None:
     return noise.astype(np.float32)
 
 
-def _stable_diffusion(fv: flags.FlagValues) -> str:
-    """``--pretrained`` names a Stable Diffusion pipeline folder: ``SDPipeline``."""
+def _stable_diffusion(fv: flags.FlagValues, finetuned: bool = False) -> str:
+    """``--pretrained`` names a Stable Diffusion pipeline folder, or ``--workdir`` a fine-tuning
+    run (``finetuned``: its pretrained pipeline with the run's EMA UNet): ``SDPipeline``."""
     import jax
 
     from ddpm_jax import images
@@ -160,7 +166,13 @@ def _stable_diffusion(fv: flags.FlagValues) -> str:
 
     if fv.prompt is None or fv.labels is not None:
         raise UsageError("a Stable Diffusion pipeline needs --prompt (and takes no --labels)")
-    sd = load_stable_diffusion(fv.pretrained)
+    if finetuned:
+        from ddpm_jax.latent.finetune_sd import load_finetuned
+
+        sd, step = load_finetuned(fv.workdir)
+        log(f"{fv.workdir}: the EMA UNet of step {step} in its pretrained pipeline")
+    else:
+        sd = load_stable_diffusion(fv.pretrained)
     settings = cli.sample_settings(fv, sdp.SD_SETTINGS, sd.schedule.num_timesteps)
     image = None if fv.image is None else sdp.load_image(fv.image)
     height, width = (fv.height, fv.width) if image is None else image.shape[:2]
@@ -169,8 +181,11 @@ def _stable_diffusion(fv: flags.FlagValues) -> str:
     pipe = sdp.SDPipeline(sd, settings, height=height, width=width)
     noise = _noise(fv, pipe.latent_shape)
     seed = fv.seed or 0
-    name = os.path.basename(os.path.abspath(fv.pretrained))
-    default = os.path.join("sampled", name, "sampled", f"{settings.name()}_seed{seed}")
+    if finetuned:
+        default = os.path.join(fv.workdir, "sampled", f"{settings.name()}_seed{seed}")
+    else:
+        name = os.path.basename(os.path.abspath(fv.pretrained))
+        default = os.path.join("sampled", name, "sampled", f"{settings.name()}_seed{seed}")
     out = os.path.abspath(fv.out or default)
     label = f"sampling {fv.num_samples} images ({settings.method}, {settings.num_steps} steps)"
     imgs = pipe(

@@ -24,9 +24,9 @@ def env(cache_dir, devices=8):
     return out
 
 
-def launch(cache_dir, workdir, *args, devices=8, wait=True):
+def launch(cache_dir, workdir, *args, devices=8, wait=True, worker=WORKER):
     env_ = env(cache_dir, devices)
-    cmd = [sys.executable, WORKER, f"--workdir={workdir}", *args]
+    cmd = [sys.executable, worker, f"--workdir={workdir}", *args]
     if not wait:
         pipe = subprocess.PIPE
         return subprocess.Popen(cmd, env=env_, stdout=pipe, stderr=pipe, text=True)

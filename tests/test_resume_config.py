@@ -16,7 +16,7 @@ import _worker_runs as wr
 import numpy as np
 import pytest
 
-from ddpm_jax import cli, config, data, resume
+from ddpm_jax import cli, config, config_finetune, data, resume
 from ddpm_jax.errors import UsageError
 
 
@@ -33,6 +33,7 @@ def _leaves(tree, prefix=""):
 def _all_fields():
     c = config.default_config()
     c.latent = config.latent_config()
+    c.finetune = config_finetune.finetune_config()
     return _leaves(c.to_dict())
 
 

@@ -9,4 +9,7 @@
   loop on a prompt-conditioned UNet (``ddpm_jax.models.text.PromptUNet``).
 - :mod:`~ddpm_jax.latent.stable_diffusion`: text-to-image and image-to-image of a published Stable
   Diffusion pipeline (``ddpm_jax.weights.load_stable_diffusion``) on diffusers' step grids.
+- :mod:`~ddpm_jax.latent.finetune_sd`: a Stable Diffusion UNet fine-tuned by the ordinary training
+  loop on a captioned image folder (frozen VAE and text encoder, latents and caption states
+  cached), and the pipeline with a run's EMA UNet for sampling.
 """
