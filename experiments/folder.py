@@ -54,7 +54,7 @@ from ddpm_jax import builders, cli, folder_source, run_start, train
 from ddpm_jax.config import default_config
 from ddpm_jax.errors import UsageError
 from ddpm_jax.latent import captions
-from ddpm_jax.workdir import log, warn
+from ddpm_jax.workdir import log
 from experiments import folder_captions
 
 DEFAULT_IMAGE_SIZE = 64
@@ -141,9 +141,9 @@ def run(
         return train.train(config, start, ds, model, step_callback=step_callback)
 
 
-def _prepared_folder(config: ml_collections.ConfigDict, workdir: str):
-    """The prepared folder, recorded in ``workdir`` (``folder.json``, and the list of unreadable
-    files)."""
+def _prepared_folder(config: ml_collections.ConfigDict, workdir: str, *, record: bool = True):
+    """The prepared folder, recorded in ``workdir`` (the list of unreadable files, and with
+    ``record`` ``folder.json``: ``folder_source.write_run_info``)."""
     try:
         prepared = builders.prepare_folder(config)
     except folder_source.UnreadableImagesError as e:
@@ -169,9 +169,8 @@ def _prepared_folder(config: ml_collections.ConfigDict, workdir: str):
             f"{before['image_shape']}; data.dir now gives {list(prepared.classes)} of shape "
             f"{list(prepared.image_shape)}: restore the folder or use another --workdir"
         )
-    if before and before["cache"] != prepared.path:
-        warn(f"the images of data.dir changed since this run last started ({before['cache']})")
-    folder_source.write_run_info(workdir, prepared)
+    if record:
+        folder_source.write_run_info(workdir, prepared)
     return prepared
 
 

@@ -54,13 +54,14 @@ def text_recipe(c: ml_collections.ConfigDict, image_size: int, max_words: int) -
 def run(
     config: ml_collections.ConfigDict,
     workdir: str,
-    prepare: Callable[[ml_collections.ConfigDict, str], folder_source.PreparedFolder],
+    prepare: Callable[..., folder_source.PreparedFolder],
     *,
     start_over: bool = False,
     allow_change: Sequence[str] = (),
 ):
-    """Checks the captions, prepares the folder (``prepare``: ``experiments.folder``'s, which
-    records it in ``workdir``), trains, then samples every caption. Returns the run loop's
+    """Checks the captions, prepares the folder (``prepare(config, workdir, record=False)``:
+    ``experiments.folder``'s), records it once its captions are the run's, trains, then samples
+    every caption. Returns the run loop's
     ``RunResult``, or None when preempted.
 
     Raises:
@@ -77,13 +78,14 @@ def run(
     captions_lib.check_captions(listing, captions, config.latent.text_max_length)
     options = dict(start_over=start_over, allow_change=allow_change)
     with run_start.prepare(config, workdir, **options) as start, PreemptionGuard() as preemption:
-        prepared = prepare(config, start.workdir)
+        prepared = prepare(config, start.workdir, record=False)
         manifest = read_json(os.path.join(prepared.path, folder_source.MANIFEST))
         n = min(prepared.num_examples, d.num_examples or prepared.num_examples)
         examples = [prepared.source[i] for i in range(n)]
         labels = np.asarray([e["label"] for e in examples], np.int32)
         cp = captions_lib.caption_prompts(manifest["captions"][:n], labels)
         _check_same_prompts(start.workdir, cp.prompts)
+        folder_source.write_run_info(start.workdir, prepared)
         images = np.stack([e["image"] for e in examples])
         log(f"data: {len(cp.prompts)} distinct captions of {len(images)} images are the prompts")
         result = pipeline.train_latent(
