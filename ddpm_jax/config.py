@@ -357,7 +357,8 @@ def _validate_folder(config: ml_collections.ConfigDict) -> None:
         _fail("data.channels", channels, f"expected one of {list(folder_images.CHANNELS)} or None")
     _bool(config, "data.upscale")
     _bool(config, "data.skip_unreadable")
-    _bool(config, "data.captions", optional=True)
+    if "captions" in config.data:  # absent from runs saved before it existed
+        _bool(config, "data.captions", optional=True)
     if config.data.name == folder_source.FOLDER:
         if config.data.dir is None:
             _fail("data.dir", None, "data.name='folder' needs the folder of images")
