@@ -129,6 +129,8 @@ def run(
         return train.run(config, workdir, step_callback=step_callback, **options)
     if "latent" in config:
         return folder_captions.run(config, workdir, _prepared_folder, **options)
+    if config.data.captions:
+        raise UsageError("data.captions=True needs the text recipe: get_config(text=True)")
     with run_start.prepare(config, workdir, **options) as start:
         prepared = _prepared_folder(config, start.workdir)
         if 0 < prepared.num_captions < prepared.num_examples:
@@ -190,8 +192,9 @@ def recipe_of(argv: Sequence[str]) -> dict:
     size = (_flag(argv, "data.image_size") or "").strip()
     size = int(size) if size.isdigit() and int(size) > 0 else DEFAULT_IMAGE_SIZE
     directory, wanted = _flag(argv, "data.dir"), (_flag(argv, "data.captions") or "none").lower()
+    wanted = wanted.strip()
     text = directory is not None and (
-        wanted.strip() == "true" or (wanted.strip() == "none" and captions.all_captioned(directory))
+        wanted in ("true", "1") or (wanted == "none" and captions.all_captioned(directory))
     )
     max_words = captions.longest_caption(directory) if text else 0
     return dict(image_size=size, text=text, max_words=max_words)
