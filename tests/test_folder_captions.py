@@ -124,7 +124,7 @@ def _tiny(root, workdir, cache):
 
 @pytest.mark.slow
 def test_a_tiny_text_conditioned_run_end_to_end(tmp_path, capfd):
-    """(75 s on 2 busy cores) train, run again, sample a prompt without the folder, refuse a
+    """(2.5 min on 2 busy cores) train, run again, sample a prompt without the folder, refuse a
     changed caption."""
     root, written = _captioned(tmp_path, limit=40)
     workdir, cache = str(tmp_path / "run"), str(tmp_path / "cache")
@@ -158,7 +158,7 @@ def test_a_tiny_text_conditioned_run_end_to_end(tmp_path, capfd):
 
 @pytest.mark.slow
 def test_acceptance_digits_as_a_captioned_folder(tmp_path):
-    """About 9 min on 2 shared cores; prints the time and the accuracies."""
+    """11 to 12 min on 2 shared cores; prints the time and the accuracy."""
     root, _ = _captioned(tmp_path, limit=None, size=16)
     workdir = str(tmp_path / "run")
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "xdg"))
