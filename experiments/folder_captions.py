@@ -61,8 +61,7 @@ def run(
 ):
     """Checks the captions, prepares the folder (``prepare(config, workdir, record=False)``:
     ``experiments.folder``'s), records it once its captions are the run's, trains, then samples
-    every caption. Returns the run loop's
-    ``RunResult``, or None when preempted.
+    every caption. Returns the run loop's ``RunResult``, or None when preempted.
 
     Raises:
       UsageError: missing, empty or too long captions; ``data.crop="random"``; captions that
