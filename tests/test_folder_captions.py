@@ -158,7 +158,7 @@ def test_a_tiny_text_conditioned_run_end_to_end(tmp_path, capfd):
 
 @pytest.mark.slow
 def test_acceptance_digits_as_a_captioned_folder(tmp_path):
-    """11 to 12 min on 2 shared cores; prints the time and the accuracy."""
+    """7 to 12 min on 2 shared cores; prints the time and the accuracy."""
     root, _ = _captioned(tmp_path, limit=None, size=16)
     workdir = str(tmp_path / "run")
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "xdg"))
