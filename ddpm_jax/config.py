@@ -16,7 +16,8 @@ defaults are Ho et al. 2020, CIFAR-10):
   images (``name="folder"``, ``ddpm_jax.folder_source``): ``dir`` (the folder), ``cache_dir``
   (its prepared images; None: ``~/.cache/ddpm_jax/folders``), ``crop`` ("center" | "random"),
   ``channels`` (None: 1 when every image is gray, else 3), ``upscale`` (enlarge images smaller
-  than ``image_size``), ``skip_unreadable`` (train without unreadable files, listed in the run).
+  than ``image_size``), ``skip_unreadable`` (train without unreadable files, listed in the run),
+  ``captions`` (None: train on them when every image has one; ``experiments.folder``).
 - ``model``: the UNet's ``ch, ch_mult, num_res_blocks, attn_resolutions, dropout, num_heads,
   num_groups, resblock_conditioning``, ``dtype`` ("float32" | "bfloat16"), ``kernels`` ("auto":
   the CPU-tuned kernels on CPU, plain XLA elsewhere; "xla"; "cpu") and
@@ -108,6 +109,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.channels = config_dict.placeholder(int)
     c.data.upscale = True
     c.data.skip_unreadable = False
+    c.data.captions = config_dict.placeholder(bool)  # None: when every image has a caption
 
     c.model = ml_collections.ConfigDict(dict(CIFAR10_DDPM))  # ch, ch_mult, blocks, attn, dropout
     c.model.num_heads = 1
@@ -358,6 +360,8 @@ def _validate_folder(config: ml_collections.ConfigDict) -> None:
         _fail("data.channels", channels, f"expected one of {list(folder_images.CHANNELS)} or None")
     _bool(config, "data.upscale")
     _bool(config, "data.skip_unreadable")
+    if "captions" in config.data:  # absent from runs saved before it existed
+        _bool(config, "data.captions", optional=True)
     if config.data.name == folder_source.FOLDER:
         if config.data.dir is None:
             _fail("data.dir", None, "data.name='folder' needs the folder of images")

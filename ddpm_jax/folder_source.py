@@ -37,7 +37,7 @@ from ddpm_jax import folder_images
 from ddpm_jax.errors import UsageError
 from ddpm_jax.folder_images import Preprocessing
 from ddpm_jax.folder_scan import FORMAT_VERSION, Listing, read_captions, scan_folder
-from ddpm_jax.workdir import is_writer, log, write_json
+from ddpm_jax.workdir import is_writer, log, warn, write_json
 
 FOLDER = "folder"  # config.data.name of a folder dataset
 RECORDS, INDEX, MANIFEST = "images.array_record", "index.npz", "manifest.json"
@@ -377,11 +377,14 @@ def read_run_info(workdir: str | None) -> dict | None:
 
 def write_run_info(workdir: str, prepared: PreparedFolder) -> None:
     """Records the folder's classes, channels, shape and skipped files in ``workdir``'s
-    ``folder.json`` (process 0); nothing is rewritten when unchanged."""
+    ``folder.json`` (process 0); nothing is rewritten when unchanged, a warning says when the
+    folder's images changed."""
     if not is_writer():
         return
-    info = prepared.info()
-    if read_run_info(workdir) != json.loads(json.dumps(info)):
+    info, before = prepared.info(), read_run_info(workdir)
+    if before and before["cache"] != prepared.path:
+        warn(f"the images of data.dir changed since this run last started ({before['cache']})")
+    if before != json.loads(json.dumps(info)):
         write_json(os.path.join(workdir, RUN_INFO), info)
 
 

@@ -46,6 +46,8 @@ IDENTITY = tuple(
     "seed "
     # the dataset and the shape of its examples (a checkpoint of another shape cannot restore)
     "data.name data.image_size data.channels "
+    # a folder's captions: whether the run is text-conditioned on them
+    "data.captions "
     # the network's structure (its parameters' shapes and what they condition on)
     "model.ch model.ch_mult model.num_res_blocks model.attn_resolutions model.num_heads "
     "model.num_groups model.resblock_conditioning model.class_conditional "

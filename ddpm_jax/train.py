@@ -7,7 +7,8 @@ anything is compiled or written, then writes into ``workdir``:
 - ``metrics.jsonl``: one JSON object per logged step (``step, loss, grad_norm, lr,
   steps_per_sec, elapsed_s``); ``step`` counts completed updates (1-based);
 - ``samples/step_XXXXXXX.png``: grids of EMA samples with a fixed noise seed, every
-  ``train.sample_every`` steps;
+  ``train.sample_every`` steps (a folder run's class names above their columns,
+  ``ddpm_jax.grid_names``);
 - ``checkpoints/``: Orbax checkpoints every ``train.checkpoint_every`` steps and at the end;
 - ``samples.npz`` at the end: ``images`` uint8 ``[N, H, W, C]`` and ``labels`` int32 ``[N]`` (the
   requested class of each sample, classes cycled, or -1 for an unconditional model), drawn from
@@ -44,7 +45,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ddpm_jax import builders, data, images, parallel, resume
+from ddpm_jax import builders, data, grid_names, images, parallel, resume
 from ddpm_jax.checkpoint import Checkpointer
 from ddpm_jax.errors import NonFiniteLossError, UsageError
 from ddpm_jax.evaluation.during_training import PeriodicEvaluation, summary
@@ -131,10 +132,8 @@ def train(
       init_params: a new run's parameters (fine-tuning) instead of a fresh initialisation.
     """
     with PreemptionGuard() as preemption:
-        trainer = Trainer(
-            config, start, dataset, model, preemption, decode_fn=decode_fn,
-            label_classes=label_classes, init_params=init_params,
-        )  # fmt: skip
+        options = dict(decode_fn=decode_fn, label_classes=label_classes, init_params=init_params)
+        trainer = Trainer(config, start, dataset, model, preemption, **options)
         try:
             result = trainer.run(step_callback)
         except BaseException:
@@ -162,6 +161,7 @@ class Trainer:
     ):
         self.config, self.start, self.ds, self.model = config, start, ds, model
         self.workdir, self.preemption, self.init_params = start.workdir, preemption, init_params
+        self.label_names = grid_names.label_names(self.workdir, label_classes)  # a folder run's
         self.metrics_path = os.path.join(self.workdir, "metrics.jsonl")
         self.samples_path = os.path.join(self.workdir, "samples.npz")
         self.dp = builders.build_parallel(config)
@@ -380,9 +380,9 @@ class Trainer:
     def _sample_grid(self, state, step: int, records: RunRecords) -> None:
         g = self.config.sample.grid_size
         ema = self.dp.from_step(state.ema_params)
-        imgs, _ = self.generator(ema, run_key(self.config.seed, GRID_TAG), g * g)
-        if is_writer():
-            grid = images.make_grid(imgs, g, **images.READABLE)  # column j: class j (cycled)
+        imgs, labels = self.generator(ema, run_key(self.config.seed, GRID_TAG), g * g)
+        if is_writer():  # column j: class j (cycled), named above it in a folder run
+            grid = grid_names.labelled_grid(imgs, g, labels, self.label_names)
             images.save_png(f"{self.workdir}/samples/step_{step:07d}.png", grid)
             records.image("samples", grid, step)
 

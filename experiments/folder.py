@@ -13,7 +13,11 @@ to the run's channels (``data.channels``, None: gray when every image is), centr
 prepares the folder into a cache (``data.cache_dir``, default ``~/.cache/ddpm_jax/folders``) that
 later runs read; a changed folder is prepared again. Unreadable files stop the run before training
 (exit code 2, listed in ``WORKDIR/unreadable.json``) unless ``--config.data.skip_unreadable=True``.
-The run records the folder's classes in ``WORKDIR/folder.json`` (sampling needs no folder).
+The run records the folder's classes in ``WORKDIR/folder.json`` (sampling needs no folder; the
+sample grids name each class). A folder where every image has a caption (``metadata.jsonl``, or a
+``.txt`` beside each image) trains the latent text-conditioned recipe on the captions instead
+(``data.captions``: None = so; True = captions required; False = ignored; see
+``experiments/folder_captions.py``), sampled with ``experiments.sample --prompt``.
 
 The recipe follows ``data.image_size`` (:data:`RECIPES`, the row of the largest size not above
 it); every field can still be overridden with ``--config.*``:
@@ -49,7 +53,9 @@ from ml_collections import config_dict
 from ddpm_jax import builders, cli, folder_source, run_start, train
 from ddpm_jax.config import default_config
 from ddpm_jax.errors import UsageError
-from ddpm_jax.workdir import log, warn
+from ddpm_jax.latent import captions
+from ddpm_jax.workdir import log
+from experiments import folder_captions
 
 DEFAULT_IMAGE_SIZE = 64
 _BIG = dict(num_res_blocks=2, attn_resolutions=(16,), dropout=0.0, ch=128)
@@ -71,8 +77,11 @@ def recipe_size(image_size: int) -> int:
     return max([s for s in RECIPES if s <= image_size] or [min(RECIPES)])
 
 
-def get_config(image_size: int = DEFAULT_IMAGE_SIZE) -> ml_collections.ConfigDict:
-    """The folder configuration for images of ``image_size`` pixels (see the module docstring)."""
+def get_config(
+    image_size: int = DEFAULT_IMAGE_SIZE, text: bool = False, max_words: int = 0
+) -> ml_collections.ConfigDict:
+    """The folder configuration for images of ``image_size`` pixels (see the module docstring);
+    ``text``: the latent text-conditioned recipe, for captions of up to ``max_words`` words."""
     c = default_config()
     c.data.name = folder_source.FOLDER
     c.data.image_size = image_size
@@ -83,6 +92,9 @@ def get_config(image_size: int = DEFAULT_IMAGE_SIZE) -> ml_collections.ConfigDic
     c.model.update(model)
     c.train.update(training)
     c.train.steps_per_call = 10
+    if text:
+        folder_captions.text_recipe(c, image_size, max_words)
+        return c
     if size > 16:
         return c
     c.diffusion.schedule = "cosine"
@@ -115,15 +127,25 @@ def run(
     options = dict(start_over=start_over, allow_change=allow_change)
     if config.data.name != folder_source.FOLDER:
         return train.run(config, workdir, step_callback=step_callback, **options)
+    if "latent" in config:
+        return folder_captions.run(config, workdir, _prepared_folder, **options)
+    if config.data.captions:
+        raise UsageError("data.captions=True needs the text recipe: get_config(text=True)")
     with run_start.prepare(config, workdir, **options) as start:
-        ds = _folder_dataset(config, start.workdir)
+        prepared = _prepared_folder(config, start.workdir)
+        if 0 < prepared.num_captions < prepared.num_examples:
+            log(
+                f"data: {prepared.num_captions} of {prepared.num_examples} images have a caption:"
+                " ignored (--config.data.captions=True requires one for every image)"
+            )
+        ds = builders.build_dataset(config, prepared)
         model = builders.build_model(config, ds.num_classes)
         return train.train(config, start, ds, model, step_callback=step_callback)
 
 
-def _folder_dataset(config: ml_collections.ConfigDict, workdir: str):
-    """The prepared folder's dataset, recorded in ``workdir`` (``folder.json``, and the list of
-    unreadable files)."""
+def _prepared_folder(config: ml_collections.ConfigDict, workdir: str, *, record: bool = True):
+    """The prepared folder, recorded in ``workdir`` (the list of unreadable files, and with
+    ``record`` ``folder.json``: ``folder_source.write_run_info``)."""
     try:
         prepared = builders.prepare_folder(config)
     except folder_source.UnreadableImagesError as e:
@@ -149,26 +171,39 @@ def _folder_dataset(config: ml_collections.ConfigDict, workdir: str):
             f"{before['image_shape']}; data.dir now gives {list(prepared.classes)} of shape "
             f"{list(prepared.image_shape)}: restore the folder or use another --workdir"
         )
-    if before and before["cache"] != prepared.path:
-        warn(f"the images of data.dir changed since this run last started ({before['cache']})")
-    folder_source.write_run_info(workdir, prepared)
-    return builders.build_dataset(config, prepared)
+    if record:
+        folder_source.write_run_info(workdir, prepared)
+    return prepared
 
 
-def _image_size_flag(argv: Sequence[str]) -> int:
-    """``--config.data.image_size`` of the command line (the recipe's row); else the default."""
+def _flag(argv: Sequence[str], field: str) -> str | None:
+    """The value of ``--config.<field>`` on the command line (the last one), else None."""
+    found = None
     for i, arg in enumerate(argv):
         name, eq, value = arg.partition("=")
-        if name == "--config.data.image_size":
-            value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
-            return int(value) if value.strip().isdigit() and int(value) > 0 else DEFAULT_IMAGE_SIZE
-    return DEFAULT_IMAGE_SIZE
+        if name == f"--config.{field}":
+            found = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+    return found
+
+
+def recipe_of(argv: Sequence[str]) -> dict:
+    """``get_config``'s arguments for a command line: its ``data.image_size`` (the recipe's row;
+    else the default) and whether its ``data.dir`` trains on captions (``data.captions``)."""
+    size = (_flag(argv, "data.image_size") or "").strip()
+    size = int(size) if size.isdigit() and int(size) > 0 else DEFAULT_IMAGE_SIZE
+    directory, wanted = _flag(argv, "data.dir"), (_flag(argv, "data.captions") or "none").lower()
+    wanted = wanted.strip()
+    text = directory is not None and (
+        wanted in ("true", "1") or (wanted == "none" and captions.all_captioned(directory))
+    )
+    max_words = captions.longest_caption(directory) if text else 0
+    return dict(image_size=size, text=text, max_words=max_words)
 
 
 def main(argv: Sequence[str] | None = None):
-    """``cli.main`` with the recipe of the command line's image size."""
+    """``cli.main`` with the recipe of the command line's image size and captions."""
     argv = list(sys.argv if argv is None else argv)
-    return cli.main(lambda: get_config(_image_size_flag(argv)), argv, run_fn=run)
+    return cli.main(lambda: get_config(**recipe_of(argv)), argv, run_fn=run)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ the key ``fold_in(fold_in(key(seed), FINAL_TAG), i)`` alone: with a run's own se
 this reproduces its ``samples.npz``, on any number of devices (a latent run's too, with
 ``--num_samples`` = its prompts times ``latent.samples_per_prompt``). Writes ``OUT/samples.npz``
 (``images`` uint8 [N, H, W, C], ``labels`` int32 [N], the class each sample shows or -1) and
-``OUT/samples.png`` (default ``OUT``: ``RUN/sampled/<method>_<steps>_g<scale>_seed<seed>``, or
-``./sampled/<DIR name>/...``). A user's mistake is one line on stderr with exit code 2.
+``OUT/samples.png`` (a folder run's class names above the tiles; default ``OUT``:
+``RUN/sampled/<method>_<steps>_g<scale>_seed<seed>``, or ``./sampled/<DIR name>/...``). A
+user's mistake is one line on stderr with exit code 2.
 
 A Stable Diffusion pipeline folder (``model_index.json`` with a text encoder), or the ``--workdir``
 of an ``experiments.finetune_sd`` run (its pretrained pipeline with the run's EMA UNet, any
@@ -99,7 +100,7 @@ def _main(fv: flags.FlagValues) -> str:
 
     import jax
 
-    from ddpm_jax import images
+    from ddpm_jax import grid_names, images
     from ddpm_jax.generate import ProgressLine
     from ddpm_jax.latent.finetune_sd import is_finetuned_run
     from ddpm_jax.latent.stable_diffusion import is_pipeline_folder
@@ -129,9 +130,11 @@ def _main(fv: flags.FlagValues) -> str:
         run.ema_params, key, fv.num_samples, progress=progress, x_T=noise, **cond
     )
     if is_writer():  # labels: the class each sample shows (a latent run's prompts name one)
-        save_npz(os.path.join(out, "samples.npz"), images=imgs, labels=run.classes_of(labels))
+        classes, names = run.classes_of(labels), grid_names.label_names(run.path)  # folder runs
+        save_npz(os.path.join(out, "samples.npz"), images=imgs, labels=classes)
         cols = int(np.ceil(np.sqrt(len(imgs))))
-        images.save_png_grid(os.path.join(out, "samples.png"), imgs, cols)
+        grid = grid_names.labelled_grid(imgs, cols, classes, names)
+        images.save_png(os.path.join(out, "samples.png"), grid)
         log(f"wrote {out}/samples.npz and samples.png ({jax.device_count()} devices)")
     return out
 

@@ -3,6 +3,7 @@ class, in a mix of formats (``experiments.folder``'s input without a download)."
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -77,3 +78,29 @@ def truncate(path: str, keep: float = 0.5) -> None:
         content = f.read()
     with open(path, "wb") as f:
         f.write(content[: max(1, int(len(content) * keep))])
+
+
+def caption_digits_folder(directory: str, txt_every: int = 4) -> dict[str, str]:
+    """Captions the digits of :func:`write_digits_folder` (class folders): ``"a handwritten
+    {d}"`` in ``directory/metadata.jsonl``, except every ``txt_every``-th image, which gets
+    ``"the digit {d}"`` in a ``.txt`` beside it. Returns ``{relative path: caption}``."""
+    captions, lines = {}, []
+    for i, rel in enumerate(
+        sorted(
+            os.path.join(d, f)
+            for d in sorted(os.listdir(directory))
+            if os.path.isdir(os.path.join(directory, d))
+            for f in sorted(os.listdir(os.path.join(directory, d)))
+        )
+    ):
+        digit = os.path.dirname(rel)
+        if txt_every and i % txt_every == txt_every - 1:
+            captions[rel] = f"the digit {digit}"
+            with open(os.path.join(directory, os.path.splitext(rel)[0] + ".txt"), "w") as f:
+                f.write(captions[rel] + "\n")
+        else:
+            captions[rel] = f"a handwritten {digit}"
+            lines.append(json.dumps({"file_name": rel, "text": captions[rel]}))
+    with open(os.path.join(directory, "metadata.jsonl"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return captions

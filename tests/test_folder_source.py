@@ -233,8 +233,8 @@ def test_recipes_follow_the_resolution():
         validate(c)
         builders.check_image_shape(c, (size, size, 3))
     argv = ["folder.py", "--config.data.image_size", "128"]
-    assert folder_experiment._image_size_flag(argv) == 128
-    assert folder_experiment._image_size_flag(["p", "--config.data.image_size=x"]) == 64
+    assert folder_experiment.recipe_of(argv)["image_size"] == 128
+    assert folder_experiment.recipe_of(["p", "--config.data.image_size=x"])["image_size"] == 64
 
 
 def test_one_class_with_labels_asked_for_is_one_line(tmp_path):

@@ -7,6 +7,7 @@
   of any other prompt (``runs.load_run`` + ``Generator``), per-prompt outputs;
 - :mod:`~ddpm_jax.latent.pipeline`: the run: frozen autoencoder → latents → the ordinary training
   loop on a prompt-conditioned UNet (``ddpm_jax.models.text.PromptUNet``).
+- :mod:`~ddpm_jax.latent.captions`: a captioned image folder's captions as the prompts of a run;
 - :mod:`~ddpm_jax.latent.stable_diffusion`: text-to-image and image-to-image of a published Stable
   Diffusion pipeline (``ddpm_jax.weights.load_stable_diffusion``) on diffusers' step grids.
 - :mod:`~ddpm_jax.latent.finetune_sd`: a Stable Diffusion UNet fine-tuned by the ordinary training

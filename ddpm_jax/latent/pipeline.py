@@ -39,6 +39,7 @@ def train_latent(
     preemption: PreemptionGuard | None = None,
     start_over: bool = False,
     allow_change: Sequence[str] = (),
+    label_classes: np.ndarray | None = None,
 ) -> train.RunResult | None:
     """Latent diffusion end to end: frozen VAE → scaled latents → prompt-conditioned run loop.
 
@@ -58,6 +59,8 @@ def train_latent(
       preemption: the caller's active guard, to stop the autoencoder's training on SIGTERM (the
         diffusion phase has its own); None: that phase ignores preemption notices.
       start_over / allow_change: see ``ddpm_jax.run_start.prepare``.
+      label_classes: [P] int32, the dataset class each prompt stands for in evaluation and
+        ``samples.npz`` (recorded in ``latent.json``); None: ``prompt_class``.
 
     Returns:
       The run loop's ``RunResult``, or None when a preemption notice stopped the training.
@@ -67,8 +70,9 @@ def train_latent(
     """
     c = config.latent
     prompt_class = np.asarray(prompt_class, np.int32)
-    if len(prompts) != len(prompt_class):
-        raise ValueError("prompts and prompt_class must have the same length")
+    label_classes = prompt_class if label_classes is None else np.asarray(label_classes, np.int32)
+    if not len(prompts) == len(prompt_class) == len(label_classes):
+        raise ValueError("prompts, prompt_class and label_classes must have the same length")
     with prepare(config, workdir, start_over=start_over, allow_change=allow_change) as start:
         workdir = start.workdir
         tokenizer = Tokenizer.from_prompts(prompts, max_length=c.text_max_length)
@@ -87,7 +91,7 @@ def train_latent(
             info = dict(
                 scale_factor=scale,
                 prompts=list(prompts),
-                prompt_classes=prompt_class.tolist(),
+                prompt_classes=label_classes.tolist(),
                 image_shape=list(x.shape[1:]),
                 latent_shape=list(latents.shape[1:]),
             )
@@ -115,7 +119,7 @@ def train_latent(
             return None
         decode_fn = frozen_vae.make_decode_fn(vae, vae_params, scale)
         result = train.train(
-            config, start, dataset, model, decode_fn=decode_fn, label_classes=prompt_class
+            config, start, dataset, model, decode_fn=decode_fn, label_classes=label_classes
         )
     return None if result.status == "preempted" else result
 
