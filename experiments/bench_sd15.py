@@ -69,7 +69,8 @@ CONTEXT_LEN = 77
 COLUMNS = (
     "what", "unet", "layout", "dtype", "devices", "batch_per_device", "params_M",
     "params_mb_float32", "params_mb_bfloat16", "state_mb", "state_total_mb", "step_memory_mb",
-    "memory_argument_mb", "memory_output_mb", "memory_temp_mb", "compile_s", "step_s", "error",
+    "memory_argument_mb", "memory_output_mb", "memory_temp_mb", "compile_s", "step_s", "step_s_min",
+    "step_s_max", "error",
 )  # fmt: skip
 
 
@@ -230,11 +231,13 @@ def measure_line(row: dict) -> str:
 def summary(rows: list[dict]) -> dict:
     """The section's headline figures: parameters, and MiB per device by configuration."""
     out = dict(sd15_params_M=rows[0]["params_M"])
-    out["sd15_step_memory_mb"] = {
+    memory = {
         f"{r['what']} {r['layout']} {r['dtype']}": r.get("step_memory_mb")
         for r in rows
         if r["what"] in ("sample", "train")
     }
+    if memory:
+        out["sd15_step_memory_mb"] = memory
     for r in rows:
         if r["what"] == "time":
             out["sd15_step_s"] = r["step_s"]
