@@ -230,7 +230,6 @@ def test_sd15_test_unet_counts_its_parameters_as_diffusers_does():
         assert ours == sum(p.numel() for p in UNet2DConditionModel(**config).parameters())
 
 
-@pytest.mark.slow
 def test_sd15_unet_is_the_860m_parameter_unet():
     """The preset's UNet: diffusers' UNet2DConditionModel of SD 1.5 has 859,520,964 parameters
     (its model card's 860M)."""
