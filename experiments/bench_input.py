@@ -25,6 +25,7 @@ alternating, two class sub-folders) into a temporary directory and runs what
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 import time
@@ -44,14 +45,19 @@ COLUMNS = (
 )  # fmt: skip
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
 def add_arguments(p) -> None:
     """The section's flags on the benchmark's parser."""
-    p.add_argument("--input-images", type=int, default=1024, help="input: synthetic images")
-    p.add_argument("--input-size", type=int, default=64, help="input: data.image_size (recipe)")
-    p.add_argument("--input-batches", type=int, default=40, help="input: batches read, timed")
-    p.add_argument(
-        "--input-step-batch", type=int, default=8, help="input: images per timed training step"
-    )
+    p.add_argument("--input-images", type=_positive, default=1024, help="input: synthetic images")
+    p.add_argument("--input-size", type=_positive, default=64, help="input: data.image_size")
+    p.add_argument("--input-batches", type=_positive, default=40, help="input: batches read, timed")
+    p.add_argument("--input-step-batch", type=_positive, default=8, help="input: images per step")
 
 
 def write_synthetic_folder(directory: str, count: int, seed: int = 0) -> None:

@@ -33,6 +33,7 @@ time it without the preset: ``--sections sd15 --sd-rows time``.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
@@ -74,12 +75,26 @@ COLUMNS = (
 )  # fmt: skip
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _rows(text: str) -> str:
+    bad = set(text.split(",")) - {"params", "sample", "train", "time"}
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown {sorted(bad)}; allowed: sample,train,time")
+    return text
+
+
 def add_arguments(p) -> None:
     """The section's flags on the benchmark's parser."""
     p.add_argument("--sd-unet", choices=tuple(UNETS), default="sd15", help="sd15: the UNet")
-    p.add_argument("--sd-batch", type=int, default=1, help="sd15: latents per device")
-    p.add_argument("--sd-rows", default="params,sample,train", help="sd15: rows (also time)")
-    p.add_argument("--sd-time-steps", type=int, default=1, help="sd15: timed guided steps")
+    p.add_argument("--sd-batch", type=_positive, default=1, help="sd15: latents per device")
+    p.add_argument("--sd-rows", type=_rows, default="params,sample,train", help="sd15: rows")
+    p.add_argument("--sd-time-steps", type=_positive, default=1, help="sd15: timed guided steps")
 
 
 class _Unet:
