@@ -28,9 +28,13 @@ values). One command measures, in one process (PyTorch in a subprocess, same thr
   ``state_replicated_mb`` on every device; ``state_total_mb`` the whole state) and the memory of
   the compiled step and of the sharded initialisation, as for ``train``. ``--devices N`` simulates
   ``N`` CPU devices, so a 0.5-1B UNet (``--model large``) is measured on a laptop.
+- ``input`` (only when asked for): a synthetic folder prepared and read as ``experiments.folder``
+  reads it, against its recipe's training step (``experiments/bench_input.py``).
+- ``sd15`` (``--preset sd15``): the memory of Stable Diffusion 1.5's UNet, compile-only, per
+  layout on 8 simulated devices (``experiments/bench_sd15.py``).
 - ``torch``: ``experiments/torch_baseline.py`` (diffusers' ``UNet2DModel``, the same step in
-  PyTorch eager, ``DDIMPipeline``; float32) and the ratios JAX / PyTorch. Skipped when torch or
-  diffusers is not installed.
+  PyTorch eager, ``DDIMPipeline``; float32; run by ``experiments/bench_torch.py``) and the ratios
+  JAX / PyTorch. Skipped when torch or diffusers is not installed.
 
 Usage::
 
@@ -40,24 +44,24 @@ Usage::
     python -m experiments.benchmark --tiny                # smoke run of every section
     python -m experiments.benchmark --sections memory --model large --batch 128 --devices 8 \
         --layouts shard_map,fsdp,fsdp:4                  # state and step memory per layout
+    python -m experiments.benchmark --sections input     # the folder pipeline vs the 64 px step
+    python -m experiments.benchmark --preset sd15        # SD 1.5 UNet memory, ~15 min on 2 cores
 
 Presets set defaults; flags given with them win. ``--preset accelerator``: the CIFAR-10 UNet at
 global batch 128 over all devices, float32 and bfloat16, 10 steps per call; every sampler at
 batch 256, 50 steps; 8192² matmul peaks. On a CPU it only compiles the training steps and reports
 their compile times and memory (``--compile-only``). ``--tiny`` (``--preset tiny``) also lowers
-XLA's code-generation effort, so its figures only show that everything runs.
+XLA's code-generation effort, so its figures only show that everything runs; ``--preset sd15``
+lowers it too (it only compiles).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 
@@ -67,7 +71,9 @@ from ddpm_jax import samplers
 from ddpm_jax.errors import UsageError
 from ddpm_jax.models.layers import DTYPES
 from ddpm_jax.parallel import compiler_options
-from experiments import cifar, measure
+from experiments import bench_input, bench_sd15, measure
+from experiments.bench_torch import bench_torch
+from experiments.measure import num_threads
 
 PRESETS = {
     "tiny": dict(model="tiny", batch=2, sample_batch=2, num_steps=3, steps_per_call=[1, 2],
@@ -76,10 +82,10 @@ PRESETS = {
                         steps_per_call=[10], train_warmup=4, train_repeats=20,
                         sections=["matmul", "train", "sampling"], sample_batch=256, num_steps=50,
                         repeats=3, matmul_sizes=[8192], matmul_repeats=10),
+    "sd15": dict(sections=["sd15"], devices=8, dtype=["float32", "bfloat16"]),
 }  # fmt: skip
 # --tiny is a smoke run: compile time dominates, so ask XLA for cheap code generation.
 TINY_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # --------------------------------------------------------------------------------- machine
@@ -88,14 +94,6 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def add_xla_flags(*flags: str) -> None:
     """Appends ``flags`` to ``XLA_FLAGS`` (read when the backend starts)."""
     os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
-
-
-def num_threads() -> int:
-    """CPU threads this process may use (XLA's CPU thread pool has this many)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def device_info() -> dict:
@@ -132,37 +130,6 @@ def print_table(title: str, rows: Sequence[dict], columns: Sequence[str]) -> Non
     sys.stdout.flush()
 
 
-def bench_torch(args) -> list[dict]:
-    """Runs ``experiments.torch_baseline`` in a subprocess with this process's thread count."""
-    if not all(importlib.util.find_spec(m) for m in ("torch", "diffusers")):
-        print("torch / diffusers not installed: skipping the PyTorch baseline", flush=True)
-        return []
-    if args.model not in ("cifar10", "tiny"):
-        raise UsageError(f"--model={args.model}: the PyTorch baseline has cifar10 and tiny only")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "torch.json")
-        cmd = [
-            sys.executable, "-m", "experiments.torch_baseline", "--model", args.model,
-            "--threads", str(num_threads()), "--batch", str(args.batch),
-            "--sample-batch", str(args.sample_batch), "--num-steps", str(args.num_steps),
-            "--warmup", str(args.train_warmup), "--repeats", str(args.train_repeats),
-            "--sample-repeats", str(args.repeats),
-            "--dropout", str(cifar.get_config().model.dropout), "--json", out,
-        ]  # fmt: skip
-        subprocess.run(cmd, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
-        with open(out) as f:
-            result = json.load(f)
-    common = dict(framework=f"torch {result['torch_version']}", threads=result["threads"],
-                  peak_rss_mb=result.get("peak_rss_mb"))  # fmt: skip
-    train, sample = result["train"], result["sample"]
-    return [
-        dict(common, what="train", batch=train["batch"], time_s=train["step_s"],
-             images_per_s=train["images_per_s"]),
-        dict(common, what=f"sample ddim-{sample['num_steps']}", batch=sample["batch"],
-             time_s=sample["time_s"], images_per_s=sample["images_per_s"]),
-    ]  # fmt: skip
-
-
 # section name -> (function, table columns), run in this order.
 SECTIONS = {
     "matmul": (measure.bench_matmul,
@@ -182,8 +149,10 @@ SECTIONS = {
         "model", "dtype", "layout", "devices", "batch", "params_M", "state_mb",
         "state_replicated_mb", "state_total_mb", "step_memory_mb", "memory_temp_mb",
         "init_memory_mb", "compile_s")),
+    "input": (bench_input.bench_input, bench_input.COLUMNS),
+    "sd15": (bench_sd15.bench_sd15, bench_sd15.COLUMNS),
 }  # fmt: skip
-DEFAULT_SECTIONS = ["matmul", "train", "sampling", "torch"]  # "memory" when asked for
+DEFAULT_SECTIONS = ["matmul", "train", "sampling", "torch"]  # "memory", "input", "sd15": asked for
 # summary key -> train row key: of the headline row, and per dtype in "train_by_dtype".
 TRAIN_FIGURES = {
     "train_images_per_sec": "images_per_s", "train_steps_per_sec": "steps_per_s",
@@ -246,6 +215,10 @@ def summarize(results: dict[str, list[dict]]) -> dict:
             f"{r['layout']} {r['dtype']}": dict(state=r["state_mb"], step=r.get("step_memory_mb"))
             for r in results["memory"]
         }
+    if results.get("input"):
+        out.update(bench_input.summary(results["input"]))
+    if results.get("sd15"):
+        out.update(bench_sd15.summary(results["sd15"]))
     torch_rows = results.get("torch", [])
     if torch_rows:
         out["torch_train_images_per_sec"] = torch_rows[0]["images_per_s"]
@@ -352,6 +325,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layouts", type=_layouts, default=["shard_map", "fsdp"], help="memory")
     p.add_argument("--fsdp-min-size", type=int, help="memory: config.mesh.fsdp_min_size")
     p.add_argument("--devices", type=_positive_int, help="simulated CPU devices (CPU only)")
+    bench_input.add_arguments(p)
+    bench_sd15.add_arguments(p)
     p.add_argument("--json", metavar="PATH", help="also write the figures and rows as JSON")
     preset = p.parse_known_args(argv)[0].preset
     if preset:
@@ -364,7 +339,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, start = parse_args(argv), time.perf_counter()
-    if args.preset == "tiny":  # XLA flags are read when the backend starts: before any work
+    if args.preset in ("tiny", "sd15"):  # XLA reads its flags when the backend starts: first
         add_xla_flags(*TINY_XLA_FLAGS)
     if args.devices:
         add_xla_flags(f"--xla_force_host_platform_device_count={args.devices}")

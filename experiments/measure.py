@@ -15,6 +15,7 @@ layout's shardings. The sections (``bench_*``) take the parsed flags of
 from __future__ import annotations
 
 import math
+import os
 import resource
 import statistics
 import time
@@ -150,6 +151,14 @@ def train_inputs(s: Setup) -> tuple[Any, dict]:
 
 
 # ----------------------------------------------------------------------- timing
+
+
+def num_threads() -> int:
+    """CPU threads this process may use (XLA's CPU thread pool has this many)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def peak_rss_mb() -> float:

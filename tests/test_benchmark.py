@@ -18,7 +18,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from experiments import benchmark, cifar, measure
+from experiments import bench_sd15, benchmark, cifar, measure
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_TORCH = all(importlib.util.find_spec(m) is not None for m in ("torch", "diffusers"))
@@ -185,3 +185,87 @@ def test_memory_section_divides_the_state_over_the_fsdp_axis(tmp_path, capsys):
     assert "== memory ==" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--layouts", "pmap"])
+
+
+@pytest.mark.slow
+def test_input_section_reports_preparation_reading_and_the_step(tmp_path, capsys):
+    """The input section (issue #24) at a tiny size: a 16 px folder of 24 images, batches of 128
+    (the recipe's), an 8-image step (one per device) of the 16 px recipe; consistent figures."""
+    out = tmp_path / "input.json"
+    argv = ["--sections", "input", "--input-images", "24", "--input-size", "16"]
+    argv += ["--input-batches", "3", "--input-step-batch", "8", "--train-warmup", "1"]
+    assert benchmark.main([*argv, "--train-repeats", "2", "--json", str(out)]) == 0
+    with open(out) as f:
+        result = json.load(f)
+    rows = result["sections"]["input"]
+    assert [(r["what"], r.get("augment")) for r in rows] == [
+        ("prepare", None), ("read", "recipe"), ("read", "random"), ("step", None)
+    ]  # fmt: skip
+    prep, read, rand, step = rows
+    assert _positive(prep["prepare_s"]) and _positive(prep["cached_start_s"])
+    assert all(r["images"] == 24 and r["image_size"] == 16 for r in rows)
+    for r in (read, rand):
+        assert r["batch"] == 128  # the recipe's batch, not the step's
+        assert r["images_per_s"] == pytest.approx(128 * r["batches_per_s"])
+        assert _positive(r["batch_images_per_s"]) and _positive(r["first_batch_s"])
+        assert r["read_over_step"] == pytest.approx(r["images_per_s"] / step["images_per_s"])
+    assert step["batch"] == 8 and step["devices"] == jax.device_count()
+    assert step["images_per_s"] == pytest.approx(8 / step["step_s"])
+    assert step["step_s_min"] <= step["step_s"] <= step["step_s_max"]
+    assert step["params_M"] > 0.1 and _positive(step["compile_s"])
+    assert result["input_read_over_step"] == read["read_over_step"]
+    assert result["input_prepare_s"] == prep["prepare_s"]
+    assert "== input ==" in capsys.readouterr().out
+
+
+def test_sd15_test_unet_counts_its_parameters_as_diffusers_does():
+    """The test-size UNet of ``--sd-unet test`` is the diffusers config it claims to be."""
+    u = bench_sd15._Unet("test")
+    assert (u.latent, u.context) == ((8, 8, 4), (77, 32))
+    ours = sum(x.size for x in jax.tree.leaves(jax.eval_shape(u.init)))
+    if HAS_TORCH:
+        from diffusers import UNet2DConditionModel
+
+        config = {k: v for k, v in bench_sd15.UNETS["test"].items() if not k.startswith("_")}
+        assert ours == sum(p.numel() for p in UNet2DConditionModel(**config).parameters())
+
+
+def test_sd15_unet_is_the_860m_parameter_unet():
+    """The preset's UNet: diffusers' UNet2DConditionModel of SD 1.5 has 859,520,964 parameters
+    (its model card's 860M)."""
+    u = bench_sd15._Unet("sd15")
+    assert (u.latent, u.context) == ((64, 64, 4), (77, 768))
+    assert sum(x.size for x in jax.tree.leaves(jax.eval_shape(u.init))) == 859_520_964
+
+
+@pytest.mark.slow
+def test_sd15_preset_compiles_the_sampling_and_training_steps(tmp_path, monkeypatch):
+    """``--preset sd15`` at the test size, one layout and dtype (each compiles: ~1 min)."""
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # main adds flags
+    out = tmp_path / "sd15.json"
+    argv = ["--preset", "sd15", "--sd-unet", "test", "--layouts", "fsdp", "--dtype", "float32"]
+    argv += ["--sd-batch", "2", "--sd-rows", "params,sample,train,time", "--sd-time-steps", "2"]
+    assert benchmark.main([*argv, "--json", str(out)]) == 0
+    with open(out) as f:
+        result = json.load(f)
+    params, sample, train, timed = result["sections"]["sd15"]
+    count = params["params_M"] * 1e6
+    assert params["params_mb_float32"] == pytest.approx(4 * count / 2**20)
+    assert params["state_total_mb"] == pytest.approx(16 * count / 2**20)
+    for row, what in ((sample, "sample"), (train, "train")):
+        assert (row["what"], row["layout"], row["devices"], row["batch_per_device"]) == (
+            what, "fsdp", 8, 2
+        )  # fmt: skip
+        assert "error" not in row
+        terms = [row[f"memory_{t}_mb"] for t in ("argument", "output", "temp", "alias")]
+        assert row["step_memory_mb"] == pytest.approx(sum(terms[:3]) - terms[3])
+        assert row["state_mb"] < row["state_total_mb"] / 2  # sharded over the 8 devices
+        assert row["memory_argument_mb"] >= row["state_mb"]  # the state and the batch
+    assert sample["state_total_mb"] == pytest.approx(params["params_mb_float32"], rel=1e-6)
+    # Params, Adam's two moments, EMA (float32) and the step counters.
+    assert train["state_total_mb"] == pytest.approx(params["state_total_mb"], rel=1e-3)
+    assert timed["what"] == "time" and timed["repeats"] == 2 and _positive(timed["step_s"])
+    assert result["sd15_step_memory_mb"] == {
+        "sample fsdp float32": sample["step_memory_mb"],
+        "train fsdp float32": train["step_memory_mb"],
+    }
