@@ -25,7 +25,6 @@ alternating, two class sub-folders) into a temporary directory and runs what
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
@@ -45,19 +44,13 @@ COLUMNS = (
 )  # fmt: skip
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
 def add_arguments(p) -> None:
     """The section's flags on the benchmark's parser."""
-    p.add_argument("--input-images", type=_positive, default=1024, help="input: synthetic images")
-    p.add_argument("--input-size", type=_positive, default=64, help="input: data.image_size")
-    p.add_argument("--input-batches", type=_positive, default=40, help="input: batches read, timed")
-    p.add_argument("--input-step-batch", type=_positive, default=8, help="input: images per step")
+    positive = measure.positive_int
+    p.add_argument("--input-images", type=positive, default=1024, help="input: synthetic images")
+    p.add_argument("--input-size", type=positive, default=64, help="input: data.image_size")
+    p.add_argument("--input-batches", type=positive, default=40, help="input: batches read, timed")
+    p.add_argument("--input-step-batch", type=positive, default=8, help="input: images per step")
 
 
 def write_synthetic_folder(directory: str, count: int, seed: int = 0) -> None:

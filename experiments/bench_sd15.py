@@ -75,13 +75,6 @@ COLUMNS = (
 )  # fmt: skip
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
 def _rows(text: str) -> str:
     bad = set(text.split(",")) - {"params", "sample", "train", "time"}
     if bad:
@@ -91,10 +84,11 @@ def _rows(text: str) -> str:
 
 def add_arguments(p) -> None:
     """The section's flags on the benchmark's parser."""
+    positive = measure.positive_int
     p.add_argument("--sd-unet", choices=tuple(UNETS), default="sd15", help="sd15: the UNet")
-    p.add_argument("--sd-batch", type=_positive, default=1, help="sd15: latents per device")
+    p.add_argument("--sd-batch", type=positive, default=1, help="sd15: latents per device")
     p.add_argument("--sd-rows", type=_rows, default="params,sample,train", help="sd15: rows")
-    p.add_argument("--sd-time-steps", type=_positive, default=1, help="sd15: timed guided steps")
+    p.add_argument("--sd-time-steps", type=positive, default=1, help="sd15: timed guided steps")
 
 
 class _Unet:

@@ -259,15 +259,8 @@ def _layouts(text: str) -> list[str]:
     return items
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
 def _int_list(text: str) -> list[int]:
-    return [_positive_int(s) for s in text.split(",") if s]
+    return [measure.positive_int(s) for s in text.split(",") if s]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -288,7 +281,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--sections", type=_csv(tuple(SECTIONS), "--sections"), default=DEFAULT_SECTIONS)
     p.add_argument("--model", choices=tuple(measure.MODELS), default="cifar10")
-    p.add_argument("--batch", type=_positive_int, default=16, help="global training batch")
+    p.add_argument("--batch", type=measure.positive_int, default=16, help="global training batch")
     p.add_argument(
         "--dtype",
         type=_csv(tuple(DTYPES), "--dtype"),
@@ -303,28 +296,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--train-warmup",
-        type=_positive_int,
+        type=measure.positive_int,
         default=2,
         help="untimed calls (half as many, at least 1, with several steps per call)",
     )
     p.add_argument(
         "--train-repeats",
-        type=_positive_int,
+        type=measure.positive_int,
         default=5,
         help="timed calls (half as many, at least 2, with several steps per call)",
     )
-    p.add_argument("--sample-batch", type=_positive_int, default=16)
-    p.add_argument("--num-steps", type=_positive_int, default=50, help="sampler steps")
+    p.add_argument("--sample-batch", type=measure.positive_int, default=16)
+    p.add_argument("--num-steps", type=measure.positive_int, default=50, help="sampler steps")
     p.add_argument(
         "--methods", type=_csv(samplers.METHODS, "--methods"), default=list(samplers.METHODS)
     )
     p.add_argument("--modes", type=_csv(measure.MODES, "--modes"), default=["scan"])
-    p.add_argument("--repeats", type=_positive_int, default=1, help="timed sampling calls")
+    p.add_argument("--repeats", type=measure.positive_int, default=1, help="timed sampling calls")
     p.add_argument("--matmul-sizes", type=_int_list, default=[2048, 4096])
-    p.add_argument("--matmul-repeats", type=_positive_int, default=5)
+    p.add_argument("--matmul-repeats", type=measure.positive_int, default=5)
     p.add_argument("--layouts", type=_layouts, default=["shard_map", "fsdp"], help="memory")
     p.add_argument("--fsdp-min-size", type=int, help="memory: config.mesh.fsdp_min_size")
-    p.add_argument("--devices", type=_positive_int, help="simulated CPU devices (CPU only)")
+    p.add_argument("--devices", type=measure.positive_int, help="simulated CPU devices (CPU only)")
     bench_input.add_arguments(p)
     bench_sd15.add_arguments(p)
     p.add_argument("--json", metavar="PATH", help="also write the figures and rows as JSON")

@@ -14,6 +14,7 @@ layout's shardings. The sections (``bench_*``) take the parsed flags of
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import resource
@@ -151,6 +152,14 @@ def train_inputs(s: Setup) -> tuple[Any, dict]:
 
 
 # ----------------------------------------------------------------------- timing
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a positive integer."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
 
 
 def num_threads() -> int:
