@@ -22,7 +22,8 @@ real runs:
   complete on disk), the file ``PATH`` is written until its filesystem is full, so that Orbax's
   background write really fails with ENOSPC (``PATH`` on a small tmpfs);
 - ``--signal_in_sampling=SIGTERM``: the process sends itself the signal after the first round of
-  every sampling call that can be stopped (the final samples, evaluations).
+  every sampling call that can be stopped (the final samples, evaluations), then waits 2 s (the
+  length of a real round) before the round's stop check.
 
 and a probe: ``--print_first_batch`` prints, for each data iterator the run opens, a line
 ``first batch: start_step=S examples_seen=N labels=[...] sha256=...`` (the labels and the
@@ -144,6 +145,10 @@ def _signal_in_sampling(name: str) -> None:
             if not sent:
                 sent.append(True)
                 os.kill(os.getpid(), signum)
+                # Under several processes the notice travels through JAX's coordination service
+                # (an RPC) before any process sees it; a real sampling round lasts long enough
+                # for it, the test's 8 tiny rounds may not: give it that time once.
+                time.sleep(2.0)
             return should_stop()
 
         return original(self, *args, should_stop=stop, **kwargs)
